@@ -1,0 +1,14 @@
+"""gpt: pretrain, fine-tune and sample decoder-only GPT models in plain PyTorch.
+
+    from gpt import GPT, GPTConfig
+    model = GPT(GPTConfig(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=65))
+    logits, loss = model(idx, targets)
+
+See README.md for the command-line tools (train.py, sample.py, python -m gpt.prepare).
+"""
+
+from gpt.errors import UserError
+from gpt.model import GPT, GPTConfig
+
+__all__ = ["GPT", "GPTConfig", "UserError"]
+__version__ = "0.1.0"

@@ -1,0 +1,367 @@
+"""The GPT model: a decoder-only transformer in the shape of GPT-2.
+
+Read top to bottom: GPTConfig (the hyperparameters), KVCache (keys and values
+kept between decoding steps), CausalSelfAttention, MLP, Block, and GPT, which
+ties them together and adds the loss, parameter and FLOP counts and MFU.
+
+Module and parameter names follow GPT-2 (transformer.h.0.attn.c_attn, ...), so
+converting to and from Hugging Face checkpoints (gpt/hf.py) is a transpose, not
+a rename table.
+
+Shapes in comments: B batch, T new tokens, S keys attended to (past + T),
+C = n_embd, H = n_head, D = C // H, V = vocab_size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gpt.errors import UserError
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # longest sequence the model reads (learned position embeddings)
+    vocab_size: int = 50257  # ids the tokenizer produces; GPT-2's BPE has 50257
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linear and LayerNorm layers, as in GPT-2
+    # Embedding / LM-head rows are padded to a multiple of this (64 makes the head's
+    # matmul noticeably faster on GPUs). Padded ids never reach callers. 1 turns it off.
+    vocab_multiple: int = 64
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "vocab_multiple"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise UserError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise UserError(
+                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): "
+                f"change one of them, e.g. n_head={math.gcd(self.n_embd, self.n_head)}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if not self.layer_norm_eps > 0:
+            raise UserError(f"GPTConfig.layer_norm_eps must be positive, got {self.layer_norm_eps!r}")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, preallocated to block_size.
+
+    All rows hold the same number of positions (`length`). A mixed-length batch is
+    left-padded: `key_mask` remembers which cached positions are real tokens, so no
+    later token attends to padding, and `n_tokens` counts each row's real tokens,
+    which is the position id of its next token.
+
+    Rows can be repeated and selected (`select_rows`), e.g. one prompt's cache
+    copied for several samples, or the winning candidate of contrastive search kept.
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, *, device=None, dtype=torch.float32):
+        shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.key_mask = torch.ones(batch_size, config.block_size, device=device, dtype=torch.bool)
+        self.n_tokens = torch.zeros(batch_size, device=device, dtype=torch.long)
+        self.length = 0
+        self.has_padding = False
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.size(1)
+
+    @property
+    def capacity(self) -> int:
+        return self.k.size(3)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store this step's (B, H, T, D) keys/values of one layer; return all of them so far."""
+        end = self.length + k.size(2)
+        self.k[layer, :, :, self.length : end] = k
+        self.v[layer, :, :, self.length : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, real: torch.Tensor | None, T: int):
+        """After all layers ran: T more positions are filled; `real` (B, T) marks real tokens."""
+        if real is None:
+            self.n_tokens += T
+        else:
+            self.key_mask[:, self.length : self.length + T] = real
+            self.n_tokens += real.sum(1)
+            self.has_padding = True
+        self.length += T
+
+    def select_rows(self, rows: torch.Tensor | list[int]):
+        """Keep the given rows in the given order (repeats allowed): row i becomes old row rows[i]."""
+        rows = torch.as_tensor(rows, device=self.k.device, dtype=torch.long)
+        self.k, self.v = self.k[:, rows], self.v[:, rows]
+        self.key_mask, self.n_tokens = self.key_mask[rows], self.n_tokens[rows]
+
+    def repeat_rows(self, n: int):
+        """Each row n times in a row: [a, b] -> [a, a, b, b] for n=2 (like repeat_interleave)."""
+        self.select_rows(torch.arange(self.batch_size, device=self.k.device).repeat_interleave(n))
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer: int):
+        super().__init__()
+        self.layer = layer  # index into the KV cache
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # fused q, k, v
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, attn_mask=None, kv_cache: KVCache | None = None):
+        B, T, C = x.shape
+        # (B, T, 3C) -> three (B, H, T, D) tensors
+        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer, k, v)  # (B, H, S, D)
+        y = self.attend(q, k, v, attn_mask)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+    def attend(self, q, k, v, attn_mask):
+        """softmax(q kᵀ / √D + mask) v, by PyTorch's fused kernels (flash / memory-efficient on GPU).
+
+        attn_mask None means plain causal attention: GPT.hidden_states passes an explicit
+        (B, 1, T, S) boolean mask whenever that is not enough (a cache with T > 1, padding).
+        """
+        return F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=attn_mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=attn_mask is None and q.size(2) > 1,
+        )
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's "gelu_new"
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config: GPTConfig, layer: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.attn = CausalSelfAttention(config, layer)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, attn_mask=None, kv_cache: KVCache | None = None):
+        x = x + self.attn(self.ln_1(x), attn_mask, kv_cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        C = config.n_embd
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.padded_vocab_size, C),
+                wpe=nn.Embedding(config.block_size, C),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
+                ln_f=nn.LayerNorm(C, eps=config.layer_norm_eps, bias=config.bias),
+            )
+        )
+        self.lm_head = nn.Linear(C, config.padded_vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied input/output embedding
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """GPT-2 initialisation: N(0, 0.02) weights, zero biases, and the two residual
+        output projections of each block scaled down by 1/sqrt(2 * n_layer)."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            if isinstance(module, nn.LayerNorm):
+                module.reset_parameters()
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
+        with torch.no_grad():
+            self.transformer.wte.weight[self.config.vocab_size :].zero_()  # padding rows: unused
+
+    # ---- forward -------------------------------------------------------------------
+
+    def forward(self, idx, targets=None, *, attention_mask=None, kv_cache: KVCache | None = None):
+        """idx (B, T) token ids -> (logits, loss).
+
+        With targets (B, T): logits (B, T, V) and the mean cross-entropy over targets != -1.
+        Without: only the last position's logits (B, 1, V), the cheap path for generation,
+        and loss None. attention_mask and kv_cache are as in `hidden_states`.
+        """
+        h = self.hidden_states(idx, attention_mask=attention_mask, kv_cache=kv_cache)
+        if targets is None:
+            return self.logits(h[:, -1:]), None
+        logits = self.lm_head(h)
+        V = self.config.vocab_size
+        if logits.size(-1) > V:
+            # Padded ids get -inf: the softmax is exactly that of the real vocabulary,
+            # without copying the logits to slice them. (No grad flows to these entries.)
+            logits[..., V:] = float("-inf")
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+        return logits[..., :V], loss
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """LM logits (..., V) from final hidden states; padded vocabulary ids never show."""
+        return self.lm_head(h)[..., : self.config.vocab_size]
+
+    def hidden_states(self, idx, *, attention_mask=None, kv_cache: KVCache | None = None):
+        """Final hidden state (after the last LayerNorm) of every position: (B, T, C).
+
+        attention_mask (B, T): 1 for real tokens, 0 for padding (left padding of a
+        mixed-length batch). Padding is never attended to and does not advance the
+        position ids, so each row gets the result it would get alone.
+        kv_cache: the keys/values of earlier tokens; this call appends idx's.
+        """
+        B, T = idx.shape
+        past = kv_cache.length if kv_cache is not None else 0
+        limit = kv_cache.capacity if kv_cache is not None else self.config.block_size
+        if past + T > limit:
+            raise UserError(
+                f"sequence of {past + T} tokens is longer than the model's block_size "
+                f"({self.config.block_size}): keep only the last {self.config.block_size} tokens"
+            )
+        real = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            real = attention_mask.to(device=idx.device, dtype=torch.bool)
+        pos, attn_mask = self._positions_and_mask(B, T, real, kv_cache, idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for block in self.transformer.h:
+            x = block(x, attn_mask, kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(real, T)
+        return self.transformer.ln_f(x)
+
+    @staticmethod
+    def _positions_and_mask(B, T, real, kv_cache, device):
+        """Position ids ((T,) or (B, T)) and the attention mask: None for plain causal
+        attention, else a (B or 1, 1, T, S) boolean tensor, True where a query may look."""
+        past = kv_cache.length if kv_cache is not None else 0
+        if real is None and (kv_cache is None or not kv_cache.has_padding):
+            pos = torch.arange(past, past + T, device=device)
+            if past == 0 or T == 1:
+                return pos, None  # SDPA's is_causal covers it (or one query sees every key)
+            return pos, torch.ones(T, past + T, device=device, dtype=torch.bool).tril(past)[None, None]
+        if real is None:
+            real = torch.ones(B, T, device=device, dtype=torch.bool)
+        keys_real = real if kv_cache is None else torch.cat([kv_cache.key_mask[:, :past], real], 1)
+        n_before = 0 if kv_cache is None else kv_cache.n_tokens[:, None]
+        pos = (n_before + real.cumsum(1) - 1).clamp(min=0)  # padding repeats a neighbour's position
+        causal = torch.ones(T, past + T, device=device, dtype=torch.bool).tril(past)
+        mask = causal & keys_real[:, None, :]  # (B, T, S)
+        # A padding query may see itself, so no softmax row is empty (which would give NaN).
+        ar = torch.arange(T, device=device)
+        mask[:, ar, past + ar] = True
+        return pos, mask[:, None]
+
+    def new_kv_cache(self, batch_size: int, dtype: torch.dtype | None = None) -> KVCache:
+        """An empty cache for `batch_size` rows on the model's device (default: its dtype)."""
+        w = self.transformer.wte.weight
+        return KVCache(self.config, batch_size, device=w.device, dtype=dtype or w.dtype)
+
+    # ---- size, FLOPs, utilisation ------------------------------------------------
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameters, counted as Hugging Face does (tied weights once, no vocab padding).
+
+        non_embedding=True leaves out the position embeddings, a lookup that costs no
+        FLOPs; the token embedding stays because the tied LM head multiplies by it.
+        """
+        n = sum(p.numel() for p in self.parameters())
+        n -= (self.config.padded_vocab_size - self.config.vocab_size) * self.config.n_embd
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token (forward + backward): 6N + 12·L·H·Q·T (PaLM, appendix B)."""
+        cfg = self.config
+        T = seq_len or cfg.block_size
+        return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * T
+
+    def estimate_mfu(self, tokens_per_sec: float, device=None, seq_len: int | None = None):
+        """Model FLOPs utilisation: achieved training FLOP/s over the device's dense bf16 peak.
+
+        None where the peak is unknown (CPU, MPS, GPUs not in PEAK_BF16_FLOPS).
+        """
+        peak = device_peak_flops(device)
+        if peak is None:
+            return None
+        return self.flops_per_token(seq_len) * tokens_per_sec / peak
+
+    # ---- Hugging Face GPT-2 interchange (gpt/hf.py) ----------------------------------
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir: str, **overrides) -> "GPT":
+        """GPT-2 weights from a hub id (gpt2, gpt2-medium, gpt2-large, gpt2-xl; needs the
+        network) or a local directory (config.json + model.safetensors/pytorch_model.bin).
+        overrides: GPTConfig fields that do not change the weights' shapes (dropout)."""
+        from gpt.hf import load_pretrained  # hf.py builds on this module
+
+        return load_pretrained(name_or_dir, **overrides)
+
+    def save_pretrained(self, directory) -> None:
+        """Write a directory that transformers.GPT2LMHeadModel.from_pretrained loads."""
+        from gpt.hf import save_pretrained
+
+        save_pretrained(self, directory)
+
+
+# Dense bf16 tensor-core peaks (FLOP/s, no sparsity) from NVIDIA's datasheets, matched
+# against torch.cuda.get_device_name(); the first match wins, so specific names come first.
+PEAK_BF16_FLOPS = (
+    ("H200", 989e12),  # H200 SXM, GH200
+    ("H100 NVL", 835e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),  # H100 SXM ("NVIDIA H100 80GB HBM3")
+    ("A100", 312e12),  # SXM and PCIe
+)
+
+
+def peak_bf16_flops(device_name: str) -> float | None:
+    for key, flops in PEAK_BF16_FLOPS:
+        if key in device_name:
+            return flops
+    return None
+
+
+def device_peak_flops(device=None) -> float | None:
+    """Dense bf16 peak of a torch device (default: the current CUDA device), or None."""
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type != "cuda":
+        return None
+    return peak_bf16_flops(torch.cuda.get_device_name(device))

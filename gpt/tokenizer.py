@@ -1,0 +1,204 @@
+"""Tokenizers: text <-> token ids behind one small interface.
+
+    tok = get_tokenizer("gpt2")            # GPT-2's BPE through tiktoken, offline
+    tok = get_tokenizer("char", text=s)    # one id per character of a corpus
+    tok = get_tokenizer("byte")            # the 256 byte values
+    ids = tok.encode("Hello"); tok.decode(ids) == "Hello"
+
+Every tokenizer has an end-of-text id (`eot_token`) that separates documents,
+and a `spec()`: a small JSON-able dict that rebuilds exactly the same tokenizer
+with `from_spec`. Prepared data and checkpoints store the spec, so decoding never
+needs the original corpus.
+
+`encode` treats its input as plain text: a literal "<|endoftext|>" in a corpus is
+just characters. The end-of-text id is inserted explicitly by whoever joins
+documents; `decode` shows it as "<|endoftext|>".
+
+The GPT-2 ranks file ships with the package (gpt/assets/gpt2.tiktoken, MIT,
+OpenAI; the same file tiktoken downloads for r50k_base), is checked against its
+sha256 on load, and gives exactly `tiktoken.get_encoding("gpt2")`'s ids.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+from importlib import resources
+from pathlib import Path
+
+from gpt.errors import UserError
+
+EOT_TEXT = "<|endoftext|>"
+GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+GPT2_EOT = 50256
+
+
+class Tokenizer:
+    """The interface. Subclasses set name, vocab_size, eot_token and implement the rest."""
+
+    name: str
+    vocab_size: int  # ids are 0 .. vocab_size - 1, the end-of-text id included
+    eot_token: int
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids) -> str:
+        raise NotImplementedError
+
+    def spec(self) -> dict:
+        """A JSON-able description from which `from_spec` rebuilds this tokenizer."""
+        return {"name": self.name}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(vocab_size={self.vocab_size}, eot_token={self.eot_token})"
+
+
+# ---- GPT-2 BPE -------------------------------------------------------------------
+
+DEFAULT_GPT2_RANKS = resources.files("gpt") / "assets" / "gpt2.tiktoken"
+
+
+@functools.lru_cache(maxsize=4)
+def load_gpt2_encoding(ranks_path: str | Path | None = None):
+    """tiktoken's GPT-2 Encoding built from a local ranks file (sha256-checked), no network."""
+    import tiktoken
+    from tiktoken_ext.openai_public import r50k_pat_str  # GPT-2's pre-tokenisation regex
+
+    path = Path(str(ranks_path or DEFAULT_GPT2_RANKS))
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read the GPT-2 ranks file {path} ({e.strerror}): reinstall the package") from None
+    if hashlib.sha256(data).hexdigest() != GPT2_RANKS_SHA256:
+        raise UserError(f"GPT-2 ranks file {path} is corrupted (sha256 mismatch): reinstall the package")
+    ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in data.splitlines() if line)}
+    return tiktoken.Encoding(
+        name="gpt2",
+        pat_str=r50k_pat_str,
+        mergeable_ranks=ranks,
+        special_tokens={EOT_TEXT: GPT2_EOT},
+        explicit_n_vocab=GPT2_EOT + 1,
+    )
+
+
+class GPT2Tokenizer(Tokenizer):
+    name = "gpt2"
+    vocab_size = GPT2_EOT + 1
+    eot_token = GPT2_EOT
+
+    def __init__(self, ranks_path: str | Path | None = None):
+        self.enc = load_gpt2_encoding(ranks_path)
+
+    def encode(self, text: str) -> list[int]:
+        return self.enc.encode_ordinary(text)
+
+    def encode_batch(self, texts: list[str], num_threads: int = 8) -> list[list[int]]:
+        return self.enc.encode_ordinary_batch(texts, num_threads=num_threads)
+
+    def decode(self, ids) -> str:
+        return self.enc.decode(list(ids))
+
+    def spec(self) -> dict:
+        return {"name": self.name, "ranks_sha256": GPT2_RANKS_SHA256}
+
+
+# ---- characters and bytes ----------------------------------------------------------
+
+
+class _SeparatedDecoder(Tokenizer):
+    """decode() for tokenizers whose eot id is outside their symbol table."""
+
+    def _decode_run(self, ids: list[int]) -> str:
+        raise NotImplementedError
+
+    def decode(self, ids) -> str:
+        pieces, run = [], []
+        for i in ids:
+            i = int(i)
+            if i == self.eot_token:
+                pieces += [self._decode_run(run), EOT_TEXT]
+                run = []
+            else:
+                run.append(i)
+        pieces.append(self._decode_run(run))
+        return "".join(pieces)
+
+
+class CharTokenizer(_SeparatedDecoder):
+    """One id per distinct character of a corpus (sorted), then the end-of-text id."""
+
+    name = "char"
+
+    def __init__(self, chars: str):
+        if not chars:
+            raise UserError("the char tokenizer needs a non-empty corpus to build its vocabulary")
+        self.chars = "".join(sorted(set(chars)))
+        self.stoi = {c: i for i, c in enumerate(self.chars)}
+        self.eot_token = len(self.chars)
+        self.vocab_size = len(self.chars) + 1
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return [self.stoi[c] for c in text]
+        except KeyError:
+            unknown = sorted(set(text) - set(self.stoi))
+            shown = ", ".join(repr(c) for c in unknown[:10]) + (" ..." if len(unknown) > 10 else "")
+            raise UserError(
+                f"{len(unknown)} character(s) not in this char tokenizer's vocabulary: {shown}; "
+                f"remove them or use the gpt2 or byte tokenizer"
+            ) from None
+
+    def _decode_run(self, ids: list[int]) -> str:
+        return "".join(self.chars[i] for i in ids)
+
+    def spec(self) -> dict:
+        return {"name": self.name, "chars": self.chars}
+
+
+class ByteTokenizer(_SeparatedDecoder):
+    """The UTF-8 bytes of the text (ids 0-255), and 256 for end-of-text."""
+
+    name = "byte"
+    vocab_size = 257
+    eot_token = 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def _decode_run(self, ids: list[int]) -> str:
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+# ---- lookup ------------------------------------------------------------------------
+
+TOKENIZERS = ("gpt2", "char", "byte")
+
+
+def get_tokenizer(name: str, *, text: str | None = None) -> Tokenizer:
+    """A tokenizer by name. "char" builds its vocabulary from `text` (the corpus)."""
+    if name == "gpt2":
+        return GPT2Tokenizer()
+    if name == "byte":
+        return ByteTokenizer()
+    if name == "char":
+        if text is None:
+            raise UserError("the char tokenizer builds its vocabulary from a corpus: pass text=...")
+        return CharTokenizer(text)
+    raise UserError(f"unknown tokenizer {name!r}: choose one of {', '.join(TOKENIZERS)}")
+
+
+def from_spec(spec: dict) -> Tokenizer:
+    """Rebuild a tokenizer from `Tokenizer.spec()` (as stored in meta.json and checkpoints)."""
+    name = spec.get("name")
+    if name == "char":
+        if "chars" not in spec:
+            raise UserError("char tokenizer spec has no 'chars': the file that stored it is damaged")
+        return CharTokenizer(spec["chars"])
+    if name == "gpt2" and spec.get("ranks_sha256", GPT2_RANKS_SHA256) != GPT2_RANKS_SHA256:
+        raise UserError("the data was tokenized with different GPT-2 ranks than this package ships")
+    return get_tokenizer(name)

@@ -1,0 +1,296 @@
+"""The GPT model: config checks, causality, loss, vocabulary padding, KV cache,
+padding masks, hidden states, initialisation, parameter/FLOP counts, MFU."""
+
+import math
+
+import pytest
+import torch
+
+from gpt import GPT, GPTConfig, UserError
+from gpt.model import CausalSelfAttention, peak_bf16_flops
+
+SMALL = dict(block_size=32, vocab_size=97, n_layer=3, n_head=4, n_embd=32)
+
+
+def small_model(seed=0, **overrides) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**{**SMALL, **overrides}))
+    # Random LayerNorm parameters and biases, so the tests also exercise them.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or ".ln_" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+def all_logits(model, idx, **kw):
+    return model.logits(model.hidden_states(idx, **kw))
+
+
+# ---- configuration -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(n_embd=30, n_head=4), "divisible by n_head"),
+        (dict(n_layer=0), "n_layer must be a positive integer"),
+        (dict(block_size=-5), "block_size must be a positive integer"),
+        (dict(vocab_size=2.5), "vocab_size must be a positive integer"),
+        (dict(n_head=True), "n_head must be a positive integer"),
+        (dict(dropout=1.0), "dropout must be in [0, 1)"),
+    ],
+)
+def test_bad_config_is_a_clear_error(overrides, message):
+    with pytest.raises(UserError, match=message.replace("[", r"\[").replace(")", r"\)")):
+        GPTConfig(**{**SMALL, **overrides})
+
+
+def test_sequence_longer_than_block_size_is_a_clear_error():
+    model = small_model()
+    with pytest.raises(UserError, match="longer than the model's block_size"):
+        model(torch.zeros(1, SMALL["block_size"] + 1, dtype=torch.long))
+    cache = model.new_kv_cache(1)
+    model(torch.zeros(1, SMALL["block_size"], dtype=torch.long), kv_cache=cache)
+    with pytest.raises(UserError, match="block_size"):
+        model(torch.zeros(1, 1, dtype=torch.long), kv_cache=cache)
+
+
+# ---- forward ------------------------------------------------------------------------
+
+
+def test_causality_future_tokens_do_not_change_earlier_logits():
+    model = small_model()
+    idx = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(1))
+    changed = idx.clone()
+    changed[:, 12] = (changed[:, 12] + 1) % 97
+    a, b = all_logits(model, idx), all_logits(model, changed)
+    torch.testing.assert_close(a[:, :12], b[:, :12], rtol=0, atol=0)
+    assert (a[:, 12:] - b[:, 12:]).abs().amax() > 1e-3  # the change is seen from position 12 on
+
+
+def test_loss_is_mean_cross_entropy_over_targets_not_minus_one():
+    model = small_model()
+    g = torch.Generator().manual_seed(2)
+    idx = torch.randint(0, 97, (3, 16), generator=g)
+    targets = torch.randint(0, 97, (3, 16), generator=g)
+    targets[0, :5] = -1
+    targets[2, 10:] = -1
+    logits, loss = model(idx, targets)
+    keep = targets != -1
+    expected = -torch.log_softmax(logits[keep].double(), -1).gather(1, targets[keep][:, None]).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_no_targets_gives_only_the_last_positions_logits():
+    model = small_model()
+    idx = torch.randint(0, 97, (2, 10))
+    last, loss = model(idx)
+    assert loss is None and last.shape == (2, 1, 97)
+    full, _ = model(idx, torch.zeros_like(idx))
+    torch.testing.assert_close(last, full[:, -1:], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(last, all_logits(model, idx)[:, -1:], rtol=1e-5, atol=1e-6)
+
+
+def test_vocabulary_padding_never_shows_and_changes_nothing():
+    padded = small_model(vocab_multiple=64)  # 97 -> 128 rows
+    plain = GPT(GPTConfig(**SMALL, vocab_multiple=1)).eval()
+    assert padded.transformer.wte.weight.shape[0] == 128 and plain.transformer.wte.weight.shape[0] == 97
+    state = padded.state_dict()
+    state["transformer.wte.weight"] = state["lm_head.weight"] = state["transformer.wte.weight"][:97]
+    plain.load_state_dict(state)
+
+    g = torch.Generator().manual_seed(3)
+    idx, targets = torch.randint(0, 97, (2, 16), generator=g), torch.randint(0, 97, (2, 16), generator=g)
+    logits_p, loss_p = padded(idx, targets)
+    logits_u, loss_u = plain(idx, targets)
+    assert logits_p.shape == (2, 16, 97)
+    torch.testing.assert_close(logits_p, logits_u, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss_p, loss_u, rtol=1e-6, atol=1e-6)
+    loss_p.backward()
+    loss_u.backward()
+    grad_p = padded.transformer.wte.weight.grad
+    torch.testing.assert_close(grad_p[:97], plain.transformer.wte.weight.grad, rtol=1e-5, atol=1e-7)
+    assert grad_p[97:].abs().max() == 0  # padding rows get no gradient
+    assert padded(idx)[0].shape == (2, 1, 97)
+
+
+def test_hidden_states_are_post_final_layernorm_and_give_the_logits():
+    model = small_model()
+    idx = torch.randint(0, 97, (2, 12))
+    h = model.hidden_states(idx)
+    assert h.shape == (2, 12, 32)
+    # LayerNorm output normalised by the final LayerNorm's affine parameters
+    ln = model.transformer.ln_f
+    z = (h - ln.bias) / ln.weight
+    torch.testing.assert_close(z.mean(-1), torch.zeros(2, 12), atol=1e-4, rtol=0)
+    torch.testing.assert_close(model.logits(h), model(idx, torch.zeros_like(idx))[0], rtol=1e-5, atol=1e-5)
+
+
+def reference_attend(self, q, k, v, attn_mask):
+    """Plain softmax(q kᵀ/√D + mask) v, with causal masking aligned to the last keys."""
+    T, S = q.size(2), k.size(2)
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
+    allowed = torch.ones(T, S, dtype=torch.bool).tril(S - T) if attn_mask is None else attn_mask
+    return scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
+
+
+def test_sdpa_attention_equals_plain_reference(monkeypatch):
+    model = small_model()
+    idx = torch.randint(0, 97, (3, 14))
+    mask = torch.ones(3, 14, dtype=torch.long)
+    mask[1, :4] = 0
+    fast_full, fast_masked = all_logits(model, idx), all_logits(model, idx, attention_mask=mask)
+    monkeypatch.setattr(CausalSelfAttention, "attend", reference_attend)
+    torch.testing.assert_close(fast_full, all_logits(model, idx), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast_masked, all_logits(model, idx, attention_mask=mask), rtol=1e-5, atol=1e-5)
+
+
+# ---- KV cache ----------------------------------------------------------------------
+
+
+def test_kv_cache_prefill_then_single_tokens_equals_full_forward():
+    model = small_model()
+    seq = torch.randint(0, 97, (3, 20), generator=torch.Generator().manual_seed(4))
+    full = all_logits(model, seq)
+    cache = model.new_kv_cache(3)
+    with torch.no_grad():
+        logits, _ = model(seq[:, :6], kv_cache=cache)
+        torch.testing.assert_close(logits[:, 0], full[:, 5], rtol=1e-5, atol=1e-5)
+        for t in range(6, 20):
+            logits, _ = model(seq[:, t : t + 1], kv_cache=cache)
+            torch.testing.assert_close(logits[:, 0], full[:, t], rtol=1e-5, atol=1e-5)
+    assert cache.length == 20 and cache.k.shape[3] == SMALL["block_size"]  # preallocated
+
+
+def test_kv_cache_chunks_longer_than_one_token():
+    model = small_model()
+    seq = torch.randint(0, 97, (2, 17))
+    full = all_logits(model, seq)
+    cache = model.new_kv_cache(2)
+    with torch.no_grad():
+        chunks = [model.hidden_states(seq[:, a:b], kv_cache=cache) for a, b in [(0, 5), (5, 9), (9, 10), (10, 17)]]
+    torch.testing.assert_close(model.logits(torch.cat(chunks, 1)), full, rtol=1e-5, atol=1e-5)
+
+
+def test_kv_cache_repeat_and_select_rows():
+    model = small_model()
+    g = torch.Generator().manual_seed(5)
+    prompts = torch.randint(0, 97, (2, 7), generator=g)
+    cache = model.new_kv_cache(2)
+    with torch.no_grad():
+        model(prompts, kv_cache=cache)
+        cache.repeat_rows(3)  # rows: p0, p0, p0, p1, p1, p1
+        seqs = prompts.repeat_interleave(3, 0)
+        for _ in range(3):
+            nxt = torch.randint(0, 97, (6, 1), generator=g)
+            logits, _ = model(nxt, kv_cache=cache)
+            seqs = torch.cat([seqs, nxt], 1)
+            torch.testing.assert_close(logits[:, 0], all_logits(model, seqs)[:, -1], rtol=1e-5, atol=1e-5)
+        keep = [5, 0, 0, 3]
+        cache.select_rows(keep)
+        seqs = seqs[keep]
+        for _ in range(3):
+            nxt = torch.randint(0, 97, (4, 1), generator=g)
+            logits, _ = model(nxt, kv_cache=cache)
+            seqs = torch.cat([seqs, nxt], 1)
+            torch.testing.assert_close(logits[:, 0], all_logits(model, seqs)[:, -1], rtol=1e-5, atol=1e-5)
+    assert cache.batch_size == 4
+
+
+def test_left_padded_batch_equals_each_row_alone_with_and_without_cache():
+    model = small_model()
+    g = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(0, 97, (n,), generator=g) for n in (3, 9, 6)]
+    width = max(len(p) for p in prompts)
+    idx = torch.zeros(3, width, dtype=torch.long)
+    mask = torch.zeros(3, width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        idx[i, width - len(p) :], mask[i, width - len(p) :] = p, 1
+    continuation = torch.randint(0, 97, (3, 4), generator=g)
+    batch_h = model.hidden_states(idx, attention_mask=mask)
+    cache = model.new_kv_cache(3)
+    with torch.no_grad():
+        model(idx, attention_mask=mask, kv_cache=cache)
+        steps = [model(continuation[:, t : t + 1], kv_cache=cache)[0][:, 0] for t in range(4)]
+    for i, p in enumerate(prompts):
+        alone = torch.cat([p, continuation[i]])[None]
+        h = model.hidden_states(alone)
+        torch.testing.assert_close(batch_h[i, width - len(p) :], h[0, : len(p)], rtol=1e-5, atol=1e-5)
+        expected = model.logits(h)[0, len(p) :]
+        torch.testing.assert_close(torch.stack([s[i] for s in steps]), expected, rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(batch_h).all()  # padding rows too: no NaN from empty softmax rows
+
+
+# ---- initialisation, size, FLOPs, MFU ------------------------------------------------
+
+
+def test_gpt2_initialisation():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=8, n_head=4, n_embd=256, block_size=64, vocab_size=1000))
+    block = model.transformer.h[3]
+    assert block.attn.c_attn.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert block.mlp.c_fc.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    scaled = 0.02 / math.sqrt(2 * 8)
+    assert block.attn.c_proj.weight.std().item() == pytest.approx(scaled, rel=0.05)
+    assert block.mlp.c_proj.weight.std().item() == pytest.approx(scaled, rel=0.05)
+    assert model.transformer.wte.weight[:1000].std().item() == pytest.approx(0.02, rel=0.05)
+    assert block.attn.c_attn.bias.abs().max() == 0
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_parameter_count_of_gpt2_124m_equals_transformers():
+    transformers = pytest.importorskip("transformers")
+    with torch.device("meta"):  # shapes only: no memory, no init time
+        ours = GPT(GPTConfig())  # GPT-2 small, vocabulary padded to 50304
+        theirs = transformers.GPT2LMHeadModel(transformers.GPT2Config())
+    n_theirs = sum(p.numel() for p in theirs.parameters())
+    assert ours.num_params() == n_theirs == 124_439_808
+    assert ours.num_params(non_embedding=True) == n_theirs - 1024 * 768
+    N, L, H, Q, T = ours.num_params(non_embedding=True), 12, 12, 64, 1024
+    assert ours.flops_per_token() == 6 * N + 12 * L * H * Q * T
+    assert ours.flops_per_token(seq_len=256) == 6 * N + 12 * L * H * Q * 256
+
+
+@pytest.mark.parametrize(
+    "name, peak",
+    [
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H100 NVL", 835e12),
+        ("NVIDIA H200", 989e12),
+        ("NVIDIA A100-SXM4-80GB", 312e12),
+        ("NVIDIA A100 80GB PCIe", 312e12),
+        ("NVIDIA GeForce RTX 3090", None),
+        ("NVIDIA A10G", None),
+    ],
+)
+def test_peak_flops_table(name, peak):
+    assert peak_bf16_flops(name) == peak
+
+
+def test_mfu_is_none_where_the_peak_is_unknown():
+    assert small_model().estimate_mfu(1e5, "cpu") is None
+
+
+def test_a_tiny_model_learns_a_fixed_batch():
+    model = small_model(seed=1).train()
+    idx = torch.randint(0, 97, (4, 32), generator=torch.Generator().manual_seed(7))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(40):
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(math.log(97), abs=0.5)
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_dropout_is_active_in_training_only():
+    model = small_model(dropout=0.5)
+    idx = torch.randint(0, 97, (2, 10))
+    torch.testing.assert_close(all_logits(model, idx), all_logits(model, idx))
+    model.train()
+    assert not torch.allclose(all_logits(model, idx), all_logits(model, idx))
