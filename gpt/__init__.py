@@ -5,10 +5,19 @@
     logits, loss = model(idx, targets)
 
 See README.md for the command-line tools (train.py, sample.py, python -m gpt.prepare).
+GPT and GPTConfig are imported on first use, so modules that need no torch
+(the tokenizer, data preparation and its worker processes) start quickly.
 """
 
 from gpt.errors import UserError
-from gpt.model import GPT, GPTConfig
 
 __all__ = ["GPT", "GPTConfig", "UserError"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    if name in ("GPT", "GPTConfig"):
+        from gpt import model
+
+        return getattr(model, name)
+    raise AttributeError(f"module 'gpt' has no attribute {name!r}")

@@ -27,6 +27,8 @@ import hashlib
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
+
 from gpt.errors import UserError
 
 EOT_TEXT = "<|endoftext|>"
@@ -46,6 +48,10 @@ class Tokenizer:
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [self.encode(t) for t in texts]
+
+    def encode_to_numpy(self, text: str) -> np.ndarray:
+        """encode() as a uint32 array: the fast path for preparing large corpora."""
+        return np.asarray(self.encode(text), dtype=np.uint32)
 
     def decode(self, ids) -> str:
         raise NotImplementedError
@@ -100,6 +106,9 @@ class GPT2Tokenizer(Tokenizer):
     def encode_batch(self, texts: list[str], num_threads: int = 8) -> list[list[int]]:
         return self.enc.encode_ordinary_batch(texts, num_threads=num_threads)
 
+    def encode_to_numpy(self, text: str) -> np.ndarray:
+        return self.enc.encode_to_numpy(text, disallowed_special=())  # no list of ints in between
+
     def decode(self, ids) -> str:
         return self.enc.decode(list(ids))
 
@@ -141,17 +150,30 @@ class CharTokenizer(_SeparatedDecoder):
         self.stoi = {c: i for i, c in enumerate(self.chars)}
         self.eot_token = len(self.chars)
         self.vocab_size = len(self.chars) + 1
+        # code point -> id (-1: not in the vocabulary), for encode_to_numpy
+        self.lut = np.full(ord(self.chars[-1]) + 1, -1, dtype=np.int64)
+        self.lut[[ord(c) for c in self.chars]] = np.arange(len(self.chars))
 
     def encode(self, text: str) -> list[int]:
         try:
             return [self.stoi[c] for c in text]
         except KeyError:
-            unknown = sorted(set(text) - set(self.stoi))
-            shown = ", ".join(repr(c) for c in unknown[:10]) + (" ..." if len(unknown) > 10 else "")
-            raise UserError(
-                f"{len(unknown)} character(s) not in this char tokenizer's vocabulary: {shown}; "
-                f"remove them or use the gpt2 or byte tokenizer"
-            ) from None
+            self._refuse_unknown(text)
+
+    def encode_to_numpy(self, text: str) -> np.ndarray:
+        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        ids = self.lut[np.minimum(codes, len(self.lut) - 1)]
+        if len(codes) and (codes.max() >= len(self.lut) or ids.min() < 0):
+            self._refuse_unknown(text)
+        return ids.astype(np.uint32)
+
+    def _refuse_unknown(self, text: str):
+        unknown = sorted(set(text) - set(self.stoi))
+        shown = ", ".join(repr(c) for c in unknown[:10]) + (" ..." if len(unknown) > 10 else "")
+        raise UserError(
+            f"{len(unknown)} character(s) not in this char tokenizer's vocabulary: {shown}; "
+            f"remove them or use the gpt2 or byte tokenizer"
+        )
 
     def _decode_run(self, ids: list[int]) -> str:
         return "".join(self.chars[i] for i in ids)
@@ -169,6 +191,9 @@ class ByteTokenizer(_SeparatedDecoder):
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
+
+    def encode_to_numpy(self, text: str) -> np.ndarray:
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.uint32)
 
     def _decode_run(self, ids: list[int]) -> str:
         return bytes(ids).decode("utf-8", errors="replace")

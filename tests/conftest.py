@@ -1,0 +1,16 @@
+"""Shared test data: real text from the shipped Shakespeare corpus."""
+
+import lzma
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAKESPEARE = ROOT / "data" / "shakespeare"
+SMALL_WORKS = ["phoenix_and_the_turtle", "passionate_pilgrim", "lovers_complaint", "comedy_of_errors"]
+
+
+@pytest.fixture(scope="session")
+def shakespeare_docs() -> list[str]:
+    """Four real documents (two short poems, a longer poem, a play), ~110 kB of text."""
+    return [lzma.open(SHAKESPEARE / "texts" / f"{name}_gut.txt.xz", "rt", newline="").read() for name in SMALL_WORKS]
