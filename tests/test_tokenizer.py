@@ -79,6 +79,7 @@ def test_decode_encode_round_trip(name):
         ids = tok.encode(text)
         assert all(0 <= i < tok.vocab_size and i != tok.eot_token for i in ids)
         assert tok.decode(ids) == text
+        assert tok.encode_to_numpy(text).tolist() == ids  # the fast path of gpt.prepare
     joined = [*tok.encode("first doc"), tok.eot_token, *tok.encode("second")]
     assert tok.decode(joined) == "first doc<|endoftext|>second"
 
@@ -101,8 +102,9 @@ def test_char_vocabulary_is_sorted_characters_then_eot():
 
 def test_char_tokenizer_names_unknown_characters():
     tok = get_tokenizer("char", text="abc")
-    with pytest.raises(UserError, match=r"2 character\(s\) not in .*'x', 'é'"):
-        tok.encode("abxcé")
+    for encode in (tok.encode, tok.encode_to_numpy):
+        with pytest.raises(UserError, match=r"2 character\(s\) not in .*'x', 'é'"):
+            encode("abxcé")
 
 
 def test_char_tokenizer_needs_a_corpus():
