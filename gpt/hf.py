@@ -41,13 +41,15 @@ CONFIG_OVERRIDES = ("dropout", "vocab_multiple")  # fields that do not change th
 def load_pretrained(name_or_dir: str | Path, **overrides) -> GPT:
     directory = resolve(name_or_dir)
     config = config_from_hf(read_hf_config(directory), str(directory), **overrides)
-    model = GPT(config)
-    state = state_dict_from_hf(read_weights(directory), config)
+    with torch.device("meta"):  # shapes only: no time spent initialising weights we replace
+        model = GPT(config)
+    state = {k: v.float() for k, v in state_dict_from_hf(read_weights(directory), config).items()}
     try:
-        model.load_state_dict(state)
+        model.load_state_dict(state, assign=True)
     except RuntimeError as e:
         detail = str(e).strip().splitlines()[-1].strip()
         raise UserError(f"the weights in {directory} do not fit its config.json: {detail}") from None
+    model.lm_head.weight = model.transformer.wte.weight  # assign=True gave each its own Parameter
     return model
 
 
@@ -64,10 +66,10 @@ def resolve(name_or_dir: str | Path) -> Path:
             f"unknown model {name!r}: not a local directory, nor one of "
             f"{', '.join(HUB_MODELS)} or an 'owner/name' hub id"
         )
-    return download(HUB_MODELS.get(name, name))
+    return download(HUB_MODELS.get(name, name), local_hint=name not in HUB_MODELS)
 
 
-def download(repo: str) -> Path:
+def download(repo: str, local_hint: bool = False) -> Path:
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
@@ -78,8 +80,9 @@ def download(repo: str) -> Path:
             path = Path(snapshot_download(repo, allow_patterns=["config.json", "pytorch_model.bin"]))
     except Exception as e:  # offline, unknown repo, gated repo, ...: all user-fixable
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        also = f"; there is no local directory {repo} either" if local_hint else ""
         raise UserError(
-            f"could not download {repo!r} from the Hugging Face hub ({reason}): "
+            f"could not download {repo!r} from the Hugging Face hub ({reason}){also}: "
             f"check the name and the network, or pass a local directory"
         ) from None
     return path
@@ -90,9 +93,12 @@ def read_hf_config(directory: Path) -> dict:
     if not path.exists():
         raise UserError(f"{directory} has no config.json: point to a directory written by save_pretrained")
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not valid JSON ({e.msg}, line {e.lineno})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path} holds a JSON {type(config).__name__}, not a model configuration object")
+    return config
 
 
 def config_from_hf(hf: dict, source: str, **overrides) -> GPTConfig:

@@ -96,7 +96,8 @@ class KVCache:
         end = self.length + k.size(2)
         self.k[layer, :, :, self.length : end] = k
         self.v[layer, :, :, self.length : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        # read back in the compute dtype, so a bf16 cache also serves an fp32 model
+        return self.k[layer, :, :, :end].to(k.dtype), self.v[layer, :, :, :end].to(v.dtype)
 
     def advance(self, real: torch.Tensor | None, T: int):
         """After all layers ran: T more positions are filled; `real` (B, T) marks real tokens."""
@@ -219,9 +220,14 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, *, attention_mask=None, kv_cache: KVCache | None = None):
         """idx (B, T) token ids -> (logits, loss).
 
-        With targets (B, T): logits (B, T, V) and the mean cross-entropy over targets != -1.
-        Without: only the last position's logits (B, 1, V), the cheap path for generation,
-        and loss None. attention_mask and kv_cache are as in `hidden_states`.
+        With targets (B, T): logits (B, T, V) and the mean cross-entropy over targets != -1
+        (0 if every target is -1). Targets must be < vocab_size; that is not checked here
+        (it would cost a GPU sync per step): gpt.dataset checks the data's vocabulary.
+        Without targets: only the last position's logits (B, 1, V), the cheap path for
+        generation, and loss None. attention_mask and kv_cache are as in `hidden_states`.
+
+        With vocabulary padding the logits are a view of a wider tensor: use
+        .reshape, not .view, to flatten them.
         """
         h = self.hidden_states(idx, attention_mask=attention_mask, kv_cache=kv_cache)
         if targets is None:
@@ -232,8 +238,9 @@ class GPT(nn.Module):
             # Padded ids get -inf: the softmax is exactly that of the real vocabulary,
             # without copying the logits to slice them. (No grad flows to these entries.)
             logits[..., V:] = float("-inf")
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
-        return logits[..., :V], loss
+        targets = targets.flatten()
+        loss = F.cross_entropy(logits.flatten(0, 1), targets, ignore_index=-1, reduction="sum")
+        return logits[..., :V], loss / (targets != -1).sum().clamp(min=1)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """LM logits (..., V) from final hidden states; padded vocabulary ids never show."""
@@ -248,6 +255,12 @@ class GPT(nn.Module):
         kv_cache: the keys/values of earlier tokens; this call appends idx's.
         """
         B, T = idx.shape
+        if attention_mask is not None and attention_mask.shape != idx.shape:
+            raise UserError(f"attention_mask has shape {tuple(attention_mask.shape)}, idx {tuple(idx.shape)}: "
+                            f"the mask covers the new tokens only (earlier ones are in the KV cache)")
+        if kv_cache is not None and kv_cache.batch_size != B:
+            raise UserError(f"the KV cache holds {kv_cache.batch_size} rows but idx has {B}: "
+                            f"repeat or select the cache's rows to match")
         past = kv_cache.length if kv_cache is not None else 0
         limit = kv_cache.capacity if kv_cache is not None else self.config.block_size
         if past + T > limit:
@@ -269,7 +282,12 @@ class GPT(nn.Module):
     @staticmethod
     def _positions_and_mask(B, T, real, kv_cache, device):
         """Position ids ((T,) or (B, T)) and the attention mask: None for plain causal
-        attention, else a (B or 1, 1, T, S) boolean tensor, True where a query may look."""
+        attention, else a (B or 1, 1, T, S) boolean tensor, True where a query may look.
+
+        Example, no cache, one row "_ _ a b c" left-padded to T=5 (real = 0 0 1 1 1):
+        positions 0 0 0 1 2 (a, b, c are numbered as if alone); c's mask row is
+        0 0 1 1 1 (causal, minus padding); a pad's row holds only itself.
+        """
         past = kv_cache.length if kv_cache is not None else 0
         if real is None and (kv_cache is None or not kv_cache.has_padding):
             pos = torch.arange(past, past + T, device=device)
@@ -289,7 +307,8 @@ class GPT(nn.Module):
         return pos, mask[:, None]
 
     def new_kv_cache(self, batch_size: int, dtype: torch.dtype | None = None) -> KVCache:
-        """An empty cache for `batch_size` rows on the model's device (default: its dtype)."""
+        """An empty cache for `batch_size` rows on the model's device, in the model's dtype
+        unless given (under bf16 autocast, dtype=torch.bfloat16 halves its memory)."""
         w = self.transformer.wte.weight
         return KVCache(self.config, batch_size, device=w.device, dtype=dtype or w.dtype)
 

@@ -5,7 +5,7 @@
 It exercises the pieces that exist so far on whatever device you have: a
 tokenizer, the model's forward and backward pass, and greedy decoding on the
 KV cache. The text is this package's own source code. The default (byte
-tokenizer, 200 steps) takes about ten seconds on a 2-core CPU; gpt2's 50k-row
+tokenizer, 200 steps) takes 20-40 seconds on a 2-core CPU; gpt2's 50k-row
 embedding makes each step ~25x slower there. It is the Quickstart's first
 command until train.py lands.
 """
@@ -40,6 +40,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.steps < 1:
         raise UserError(f"--steps must be at least 1, got {args.steps}")
+    try:
+        torch.empty(0, device=args.device)
+    except (RuntimeError, AssertionError) as e:
+        raise UserError(f"device {args.device!r} is not usable here ({str(e).splitlines()[0]}): try --device cpu") from None
 
     torch.manual_seed(args.seed)
     text = "\n".join(p.read_text(encoding="utf-8") for p in sorted(Path(__file__).parent.glob("*.py")))

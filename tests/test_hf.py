@@ -76,9 +76,15 @@ def test_gpt2model_keys_without_transformer_prefix_load(tmp_path):
     torch.testing.assert_close(our_logits(ours, idx), hf_logits(hf, idx), rtol=1e-4, atol=1e-4)
 
 
-def test_dropout_can_be_overridden_but_shapes_cannot(tmp_path):
-    random_hf_model().save_pretrained(tmp_path)
+def test_dropout_and_padding_can_be_overridden_but_shapes_cannot(tmp_path):
+    hf = random_hf_model()
+    hf.save_pretrained(tmp_path)
     assert GPT.from_pretrained(tmp_path, dropout=0.1).config.dropout == 0.1
+    unpadded = GPT.from_pretrained(tmp_path, vocab_multiple=1).eval()
+    assert unpadded.transformer.wte.weight.shape[0] == 300
+    assert unpadded.lm_head.weight is unpadded.transformer.wte.weight  # still tied after loading
+    idx = random_ids(300)
+    torch.testing.assert_close(our_logits(unpadded, idx), hf_logits(hf, idx), rtol=1e-4, atol=1e-4)
     with pytest.raises(UserError, match="cannot override n_layer"):
         GPT.from_pretrained(tmp_path, n_layer=4)
 
@@ -99,6 +105,12 @@ def test_directory_without_weights(tmp_path):
 
 def test_directory_without_config(tmp_path):
     with pytest.raises(UserError, match="has no config.json"):
+        GPT.from_pretrained(tmp_path)
+
+
+def test_config_json_that_is_not_an_object(tmp_path):
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(UserError, match="holds a JSON list, not a model configuration"):
         GPT.from_pretrained(tmp_path)
 
 

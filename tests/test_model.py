@@ -82,6 +82,15 @@ def test_loss_is_mean_cross_entropy_over_targets_not_minus_one():
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_all_targets_ignored_gives_zero_loss_not_nan():
+    model = small_model().train()
+    idx = torch.randint(0, 97, (2, 8))
+    _, loss = model(idx, torch.full_like(idx, -1))
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 def test_no_targets_gives_only_the_last_positions_logits():
     model = small_model()
     idx = torch.randint(0, 97, (2, 10))
@@ -198,6 +207,53 @@ def test_kv_cache_repeat_and_select_rows():
     assert cache.batch_size == 4
 
 
+def test_padded_prefill_then_select_then_padded_chunk():
+    """The riskiest cache path: padding remembered across select_rows and a later padded chunk."""
+    model = small_model()
+    g = torch.Generator().manual_seed(8)
+    rows = [torch.randint(0, 97, (n,), generator=g) for n in (2, 5, 4)]
+    idx, mask = torch.zeros(3, 5, dtype=torch.long), torch.zeros(3, 5, dtype=torch.long)
+    for i, r in enumerate(rows):
+        idx[i, 5 - len(r) :], mask[i, 5 - len(r) :] = r, 1
+    cache = model.new_kv_cache(3)
+    with torch.no_grad():
+        model(idx, attention_mask=mask, kv_cache=cache)
+        keep = [2, 0, 0]
+        cache.select_rows(keep)
+        chunk = torch.randint(0, 97, (3, 3), generator=g)
+        chunk_mask = torch.tensor([[1, 1, 1], [0, 1, 1], [1, 0, 1]])  # padding inside a later chunk
+        h_chunk = model.hidden_states(chunk, attention_mask=chunk_mask, kv_cache=cache)
+        step = torch.randint(0, 97, (3, 1), generator=g)
+        h_step = model.hidden_states(step, kv_cache=cache)
+    for j, i in enumerate(keep):
+        real_chunk = chunk[j][chunk_mask[j].bool()]
+        alone = torch.cat([rows[i], real_chunk, step[j]])[None]
+        h = model.hidden_states(alone)[0]
+        n = len(rows[i])
+        torch.testing.assert_close(h_chunk[j][chunk_mask[j].bool()], h[n : n + len(real_chunk)], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(h_step[j, 0], h[-1], rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_cache_serves_a_float32_model():
+    model = small_model()
+    seq = torch.randint(0, 97, (2, 12))
+    cache = model.new_kv_cache(2, dtype=torch.bfloat16)
+    assert cache.k.dtype == torch.bfloat16
+    with torch.no_grad():
+        model(seq[:, :-1], kv_cache=cache)
+        logits, _ = model(seq[:, -1:], kv_cache=cache)
+    torch.testing.assert_close(logits[:, 0], all_logits(model, seq)[:, -1], rtol=0.05, atol=0.05)
+
+
+def test_mask_and_cache_shapes_are_checked():
+    model = small_model()
+    idx = torch.randint(0, 97, (2, 6))
+    with pytest.raises(UserError, match="the mask covers the new tokens only"):
+        model(idx, attention_mask=torch.ones(2, 9))
+    with pytest.raises(UserError, match="the KV cache holds 3 rows but idx has 2"):
+        model(idx, kv_cache=model.new_kv_cache(3))
+
+
 def test_left_padded_batch_equals_each_row_alone_with_and_without_cache():
     model = small_model()
     g = torch.Generator().manual_seed(6)
@@ -271,6 +327,16 @@ def test_peak_flops_table(name, peak):
 
 def test_mfu_is_none_where_the_peak_is_unknown():
     assert small_model().estimate_mfu(1e5, "cpu") is None
+
+
+def test_mfu_arithmetic(monkeypatch):
+    import gpt.model
+
+    model = small_model()
+    monkeypatch.setattr(gpt.model, "device_peak_flops", lambda device: 989e12)  # as on an H100 SXM
+    mfu = model.estimate_mfu(2e6, "cuda", seq_len=16)
+    assert mfu == pytest.approx(model.flops_per_token(16) * 2e6 / 989e12)
+    assert 0 < mfu < 1
 
 
 def test_a_tiny_model_learns_a_fixed_batch():

@@ -54,6 +54,13 @@ def tiktoken_gpt2(tmp_path_factory):
     os.environ["TIKTOKEN_CACHE_DIR"] = str(cache)
     try:
         return tiktoken.get_encoding("gpt2")
+    except Exception:  # tiktoken changed its cache layout: build the encoding from the same files
+        from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+        from tiktoken_ext.openai_public import r50k_pat_str
+
+        ranks = data_gym_to_mergeable_bpe_ranks(str(source / "vocab.bpe"), str(source / "encoder.json"))
+        return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                                 special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257)
     finally:
         if old is None:
             del os.environ["TIKTOKEN_CACHE_DIR"]
