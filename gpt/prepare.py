@@ -7,7 +7,7 @@ INPUT is any mix of text files, .gz/.bz2/.xz-compressed text files, JSON Lines
 files (.jsonl, optionally compressed) whose --text_field holds the text,
 directories (read recursively, hidden files skipped) and glob patterns, plus
 `hf:NAME` or `hf:NAME:SUBSET` for a Hugging Face dataset's train split, streamed
-(needs `pip install datasets` and the network).
+(needs `pip install "gpt[datasets]"` and the network).
 
 A file is a document; a JSON line is a document. Every document ends with the
 tokenizer's end-of-text id. Whole documents go to the validation split, chosen
@@ -179,7 +179,7 @@ def hf_documents(spec: str, text_field: str) -> Iterator[tuple[str, bool]]:
     try:
         import datasets
     except ImportError:
-        raise UserError(f"{spec} needs the datasets package: pip install datasets") from None
+        raise UserError(f"{spec} needs the datasets package: pip install 'gpt[datasets]'") from None
     name, _, subset = spec.removeprefix("hf:").partition(":")
     try:
         rows = datasets.load_dataset(name, subset or None, split="train", streaming=True)

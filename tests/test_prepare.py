@@ -212,3 +212,15 @@ def test_cli_prepares_with_a_summary_line(tmp_path, shakespeare_docs):
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith(f"prepared {tmp_path / 'out'}: train ") and "tokens/s" in run.stdout
     assert load_meta(tmp_path / "out")["train"]["documents"] + load_meta(tmp_path / "out")["val"]["documents"] == 2
+
+
+def test_hf_input_without_the_datasets_package(tmp_path):
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("datasets is installed: the hf: path would need the network")
+    with pytest.raises(UserError, match=r"hf:roneneldan/TinyStories needs the datasets package: pip install 'gpt\[datasets\]'"):
+        prep.prepare(["hf:roneneldan/TinyStories"], tmp_path / "out", "gpt2", workers=1)
+    assert list((tmp_path / "out").iterdir()) == []
