@@ -42,16 +42,16 @@ class GPTConfig:
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "vocab_multiple"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise UserError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+                raise UserError(f"{name} must be a positive integer, got {value!r}")
         if self.n_embd % self.n_head:
             raise UserError(
                 f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): "
                 f"change one of them, e.g. n_head={math.gcd(self.n_embd, self.n_head)}"
             )
         if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+            raise UserError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if not self.layer_norm_eps > 0:
-            raise UserError(f"GPTConfig.layer_norm_eps must be positive, got {self.layer_norm_eps!r}")
+            raise UserError(f"layer_norm_eps must be positive, got {self.layer_norm_eps!r}")
 
     @property
     def padded_vocab_size(self) -> int:
@@ -305,6 +305,13 @@ class GPT(nn.Module):
         ar = torch.arange(T, device=device)
         mask[:, ar, past + ar] = True
         return pos, mask[:, None]
+
+    def crop_block_size(self, block_size: int) -> None:
+        """Shrink the context to block_size (e.g. a GPT-2 checkpoint trained at 1024, used at 256)."""
+        if not 0 < block_size <= self.config.block_size:
+            raise UserError(f"block_size can only shrink, from {self.config.block_size}; got {block_size}")
+        self.config.block_size = block_size
+        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].detach().clone())
 
     def new_kv_cache(self, batch_size: int, dtype: torch.dtype | None = None) -> KVCache:
         """An empty cache for `batch_size` rows on the model's device, in the model's dtype

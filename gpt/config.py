@@ -1,0 +1,295 @@
+"""Every training setting, typed: read from a TOML file plus --key=value overrides.
+
+    cfg = load_config("configs/shakespeare_char.toml", ["--optim.lr=1e-3", "--max_iters=100"])
+    cfg.optim.lr, cfg.run.out_dir, cfg.model.n_layer     # cfg.model is a gpt.GPTConfig
+    save_config(cfg, "out/shakespeare_char/config.toml")
+
+A config file has one table per section: [run] [data] [model] [batch] [optim]
+[eval] [log] [system]. Every key is optional; the defaults are below. An
+override is --section.key=value, or --key=value when no other section has that
+key. Its value is read as TOML (1e-3, true, "text"), else taken as a string.
+
+Errors name the key: an unknown key suggests the closest valid one, a value of
+the wrong type or out of range says what was expected. Configs are data: TOML
+is parsed, never executed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gpt.atomic import atomic_path
+from gpt.errors import UserError
+from gpt.model import GPTConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def _require(ok: bool, key: str, expected: str, value) -> None:
+    if not ok:
+        raise UserError(f"{key} must be {expected}, got {value!r}")
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "out"  # checkpoints, config.toml, metrics.jsonl, loss.png
+    init_from: str = "scratch"  # scratch | resume | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a HF directory
+    max_iters: int = 5000  # optimiser steps
+    seed: int = 1337
+    keep_last: int = 2  # checkpoints kept besides the best one
+
+    def __post_init__(self):
+        _require(self.max_iters >= 0, "max_iters", "a non-negative integer", self.max_iters)
+        _require(self.keep_last >= 1, "keep_last", "at least 1", self.keep_last)
+        _require(bool(self.out_dir), "out_dir", "a directory", self.out_dir)
+
+
+@dataclass
+class DataConfig:
+    # A directory written by `python -m gpt.prepare`. A directory named after a tokenizer
+    # (char, gpt2, byte) beside a texts/ folder, like data/shakespeare/char, is prepared
+    # from those texts on first use.
+    dir: str = "data/shakespeare/char"
+    val_fraction: float = 0.1  # for that first-use preparation
+
+    def __post_init__(self):
+        _require(0 <= self.val_fraction < 1, "val_fraction", "in [0, 1)", self.val_fraction)
+
+
+@dataclass
+class BatchConfig:
+    batch_size: int = 12  # sequences per micro-batch, in each process
+    grad_accum: int = 1  # micro-batches per optimiser step in each process (if tokens_per_step = 0)
+    # Global batch in tokens per optimiser step, over all processes; if set, grad_accum is
+    # derived from it: tokens_per_step / (batch_size * block_size * world_size).
+    tokens_per_step: int = 0
+
+    def __post_init__(self):
+        _require(self.batch_size >= 1, "batch_size", "a positive integer", self.batch_size)
+        _require(self.grad_accum >= 1, "grad_accum", "a positive integer", self.grad_accum)
+        _require(self.tokens_per_step >= 0, "tokens_per_step", "0 or a positive integer", self.tokens_per_step)
+
+
+SCHEDULES = ("cosine", "constant", "wsd")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 6e-4  # peak learning rate
+    min_lr: float = 6e-5  # where the decay ends
+    schedule: str = "cosine"  # cosine | constant | wsd (warmup-stable-decay)
+    warmup_iters: int = 100  # linear warmup from 0
+    # cosine: iterations until min_lr is reached (0: max_iters); wsd: length of the final
+    # linear decay to min_lr (0: the last 20% of max_iters). Unused by constant.
+    decay_iters: int = 0
+    weight_decay: float = 0.1  # on weight matrices and embeddings only
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = off
+
+    def __post_init__(self):
+        _require(self.lr > 0, "lr", "positive", self.lr)
+        _require(0 <= self.min_lr <= self.lr, "min_lr", f"in [0, lr = {self.lr}]", self.min_lr)
+        _require(self.schedule in SCHEDULES, "schedule", f"one of {', '.join(SCHEDULES)}", self.schedule)
+        _require(self.warmup_iters >= 0, "warmup_iters", "a non-negative integer", self.warmup_iters)
+        _require(self.decay_iters >= 0, "decay_iters", "a non-negative integer", self.decay_iters)
+        _require(self.weight_decay >= 0, "weight_decay", "non-negative", self.weight_decay)
+        _require(0 <= self.beta1 < 1, "beta1", "in [0, 1)", self.beta1)
+        _require(0 <= self.beta2 < 1, "beta2", "in [0, 1)", self.beta2)
+        _require(self.grad_clip >= 0, "grad_clip", "non-negative (0 = off)", self.grad_clip)
+
+
+@dataclass
+class EvalConfig:
+    eval_interval: int = 250  # evaluate (and checkpoint) every this many iterations
+    eval_iters: int = 20  # batches per split for each evaluation
+
+    def __post_init__(self):
+        _require(self.eval_interval >= 1, "eval_interval", "a positive integer", self.eval_interval)
+        _require(self.eval_iters >= 1, "eval_iters", "a positive integer", self.eval_iters)
+
+
+@dataclass
+class LogConfig:
+    log_interval: int = 10  # a console line and a metrics.jsonl record every this many iterations
+    wandb: bool = False  # log to Weights & Biases (pip install "gpt[wandb]"; WANDB_MODE=offline works)
+    wandb_project: str = "gpt"
+    wandb_run_name: str = ""  # default: the name of out_dir
+    plot: bool = True  # write out_dir/loss.png at the end (needs matplotlib)
+
+    def __post_init__(self):
+        _require(self.log_interval >= 1, "log_interval", "a positive integer", self.log_interval)
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class SystemConfig:
+    device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:1 | mps
+    dtype: str = "auto"  # auto (bf16 autocast on GPUs that have it, else fp16; fp32 on CPU) | float32 | bfloat16 | float16
+    compile: bool | str = "auto"  # torch.compile the model: true | false | "auto" (on CUDA)
+
+    def __post_init__(self):
+        _require(self.dtype in DTYPES, "dtype", f"one of {', '.join(DTYPES)}", self.dtype)
+        _require(self.compile in (True, False, "auto"), "compile", 'true, false or "auto"', self.compile)
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: GPTConfig = field(default_factory=GPTConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    system: SystemConfig = field(default_factory=SystemConfig)
+    # dotted keys that the file or the command line set (the rest are defaults)
+    explicit: frozenset = field(default_factory=frozenset, compare=False, repr=False)
+
+    def to_dict(self) -> dict:
+        return {s: dataclasses.asdict(getattr(self, s)) for s in SECTIONS}
+
+
+SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Config) if f.name != "explicit"}
+
+
+def _fields(section: str) -> dict[str, type]:
+    cls = SECTIONS[section]
+    return {f.name: typing.get_type_hints(cls)[f.name] for f in dataclasses.fields(cls)}
+
+
+ALL_KEYS = {f"{s}.{k}": t for s in SECTIONS for k, t in _fields(s).items()}
+
+
+def resolve_key(key: str) -> str:
+    """'optim.lr' as is; 'lr' to 'optim.lr' when only one section has it; else a clear error."""
+    if key in ALL_KEYS:
+        return key
+    if "." not in key:
+        owners = [k for k in ALL_KEYS if k.split(".", 1)[1] == key]
+        if len(owners) == 1:
+            return owners[0]
+        if owners:
+            raise UserError(f"config key {key!r} is ambiguous: write one of {', '.join(owners)}")
+    short = {k.split(".", 1)[1]: k for k in ALL_KEYS}
+    close = difflib.get_close_matches(key, [*ALL_KEYS, *short], n=1, cutoff=0.6)
+    hint = f": did you mean {short.get(close[0], close[0])!r}?" if close else f": valid sections are {', '.join(SECTIONS)}"
+    raise UserError(f"unknown config key {key!r}{hint}")
+
+
+def _typed(key: str, value, typ):
+    """value, checked against the field's type (int for float is fine); else a clear error."""
+    allowed = typing.get_args(typ) or (typ,)
+    if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    ok = isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
+    if not ok:
+        names = " or ".join({bool: "a boolean", int: "an integer", float: "a number", str: "a string"}[t] for t in allowed)
+        raise UserError(f"{key} must be {names}, got {value!r} ({type(value).__name__})")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{key} must be a finite number, got {value!r}")
+    return value
+
+
+def _parse_override(arg: str) -> tuple[str, object]:
+    if not arg.startswith("--") or "=" not in arg:
+        raise UserError(f"cannot read argument {arg!r}: write overrides as --key=value (e.g. --optim.lr=1e-3)")
+    key, raw = arg[2:].split("=", 1)
+    key = resolve_key(key)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    allowed = typing.get_args(ALL_KEYS[key]) or (ALL_KEYS[key],)
+    if str in allowed and not isinstance(value, allowed):
+        value = raw  # e.g. --run.out_dir=2024 is the directory "2024"
+    return key, value
+
+
+def _flatten(table: dict, source: str) -> dict[str, object]:
+    """A parsed TOML document -> {dotted key: value}; top-level keys resolve like overrides."""
+    flat = {}
+    for name, value in table.items():
+        if isinstance(value, dict):
+            if name not in SECTIONS:
+                close = difflib.get_close_matches(name, SECTIONS, n=1)
+                hint = f": did you mean [{close[0]}]?" if close else f": valid sections are {', '.join(SECTIONS)}"
+                raise UserError(f"{source}: unknown section [{name}]{hint}")
+            for key, v in value.items():
+                if isinstance(v, dict):
+                    raise UserError(f"{source}: [{name}.{key}] is a table; sections hold plain values")
+                flat[resolve_key(f"{name}.{key}")] = v
+        else:
+            flat[resolve_key(name)] = value
+    return flat
+
+
+def config_from_dict(values: dict[str, object]) -> Config:
+    """A Config from {dotted key: value}; checks every type and range."""
+    by_section: dict[str, dict] = {s: {} for s in SECTIONS}
+    for key, value in values.items():
+        section, name = key.split(".", 1)
+        by_section[section][name] = _typed(key, value, ALL_KEYS[key])
+    sections = {}
+    for section, kwargs in by_section.items():
+        try:
+            sections[section] = SECTIONS[section](**kwargs)
+        except UserError as e:
+            raise UserError(f"{section}.{e}") from None
+    return Config(**sections, explicit=frozenset(values))
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """The config of a TOML file (None: all defaults) with --key=value overrides applied."""
+    values: dict[str, object] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            raise UserError(f"config file {path} does not exist: see configs/ for examples") from None
+        except OSError as e:
+            raise UserError(f"cannot read config file {path}: {e.strerror}") from None
+        try:
+            values = _flatten(tomllib.loads(text), str(path))
+        except tomllib.TOMLDecodeError as e:
+            raise UserError(f"{path} is not valid TOML: {e}") from None
+    for arg in overrides:
+        key, value = _parse_override(arg)
+        values[key] = value
+    return config_from_dict(values)
+
+
+def flat_dict(cfg: Config) -> dict[str, object]:
+    return {f"{s}.{k}": v for s, section in cfg.to_dict().items() for k, v in section.items()}
+
+
+def to_toml(cfg: Config) -> str:
+    def value(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return json.dumps(v, ensure_ascii=False)  # JSON string escapes are valid TOML
+        return repr(v)
+
+    lines = ["# The resolved configuration of this run: python train.py THIS_FILE reproduces it."]
+    for section, values in cfg.to_dict().items():
+        lines += ["", f"[{section}]"] + [f"{k} = {value(v)}" for k, v in values.items()]
+    return "\n".join(lines) + "\n"
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(to_toml(cfg))
