@@ -305,6 +305,7 @@ class Trainer:
         handlers = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             self._loop()
+            self._barrier()  # leave together: no process tears down while another still talks
         finally:
             for s, h in handlers.items():
                 signal.signal(s, h)
