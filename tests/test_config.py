@@ -81,3 +81,9 @@ def test_train_py_reports_a_bad_key_in_one_line_with_exit_2():
     assert run.stderr.strip() == "error: unknown config key 'optim.learning_rat': did you mean 'optim.warmup_iters'?" \
         or run.stderr.strip().startswith("error: unknown config key 'optim.learning_rat'")
     assert len(run.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    cfg = load_config(path)
+    assert cfg.run.out_dir.startswith("out/") and cfg.run.max_iters > 0
