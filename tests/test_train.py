@@ -175,6 +175,17 @@ def test_continued_pretraining_from_a_hugging_face_directory(tmp_path, shakespea
     assert ckpt["model"]["transformer.wpe.weight"].shape == (32, 32)
 
 
+def test_loss_plot_and_the_note_without_matplotlib(data_dir, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed (pip install 'gpt[plot]')")
+    out = tmp_path / "run"
+    train.main(args(data_dir, out, "--max_iters=4", "--log.plot=true"))
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    train.main(args(data_dir, tmp_path / "run2", "--max_iters=2", "--log.plot=true"))
+    assert "matplotlib is not installed, so no loss.png" in capsys.readouterr().err
+    assert not (tmp_path / "run2" / "loss.png").exists()
+
+
 def test_wandb_offline_writes_a_run(data_dir, tmp_path, monkeypatch):
     pytest.importorskip("wandb", reason="wandb is not installed (pip install 'gpt[wandb]')")
     monkeypatch.setenv("WANDB_MODE", "offline")
