@@ -87,6 +87,10 @@ class KVCache:
     def batch_size(self) -> int:
         return self.k.size(1)
 
+    def _shape(self, batch_size: int) -> tuple[int, ...]:
+        L, _, H, T, D = self.k.shape
+        return (L, batch_size, H, T, D)
+
     @property
     def capacity(self) -> int:
         return self.k.size(3)
@@ -112,7 +116,10 @@ class KVCache:
     def select_rows(self, rows: torch.Tensor | list[int]):
         """Keep the given rows in the given order (repeats allowed): row i becomes old row rows[i]."""
         rows = torch.as_tensor(rows, device=self.k.device, dtype=torch.long)
-        self.k, self.v = self.k[:, rows], self.v[:, rows]
+        n = self.length  # copy only the filled positions: the rest is never read before written
+        k, v = self.k.new_empty(self._shape(len(rows))), self.v.new_empty(self._shape(len(rows)))
+        k[:, :, :, :n], v[:, :, :, :n] = self.k[:, rows, :, :n], self.v[:, rows, :, :n]
+        self.k, self.v = k, v
         self.key_mask, self.n_tokens = self.key_mask[rows], self.n_tokens[rows]
 
     def repeat_rows(self, n: int):

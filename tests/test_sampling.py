@@ -1,0 +1,201 @@
+"""Generation: processors equal transformers', greedy and contrastive search token-identical
+to transformers, cache vs no cache, batches, sampling, sliding window, eos, bad settings."""
+
+import pytest
+import torch
+
+from gpt import GPT, GPTConfig, UserError
+from gpt.sampling import MinP, RepetitionPenalty, Temperature, TopK, TopP, generate, pad_prompts, stream
+
+transformers = pytest.importorskip("transformers")
+from transformers.generation import logits_process as hf_lp  # noqa: E402
+
+# ---- processors ------------------------------------------------------------------------------
+
+
+def random_scores(seed, B=4, V=50, ties=False):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(B, V, generator=g) * 3
+    return scores.round(decimals=0) if ties else scores  # rounding makes many exact ties
+
+
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
+@pytest.mark.parametrize(
+    "ours, theirs",
+    [
+        (Temperature(0.7), hf_lp.TemperatureLogitsWarper(0.7)),
+        (TopK(1), hf_lp.TopKLogitsWarper(1)),
+        (TopK(7), hf_lp.TopKLogitsWarper(7)),
+        (TopK(500), hf_lp.TopKLogitsWarper(500)),
+        (TopP(0.9), hf_lp.TopPLogitsWarper(0.9)),
+        (TopP(0.3), hf_lp.TopPLogitsWarper(0.3)),
+        (TopP(1e-6), hf_lp.TopPLogitsWarper(1e-6)),
+        (MinP(0.1), hf_lp.MinPLogitsWarper(0.1)),
+        (MinP(0.9), hf_lp.MinPLogitsWarper(0.9)),
+        (RepetitionPenalty(1.3), hf_lp.RepetitionPenaltyLogitsProcessor(1.3)),
+        (RepetitionPenalty(0.8), hf_lp.RepetitionPenaltyLogitsProcessor(0.8)),
+    ],
+    ids=lambda p: f"{type(p).__name__}({next(iter(vars(p).values()), '')})" if not isinstance(p, bool) else str(p),
+)
+def test_processor_equals_transformers(ours, theirs, ties):
+    for seed in range(5):
+        scores = random_scores(seed, ties=ties)
+        seen = torch.randint(0, 50, (4, 12), generator=torch.Generator().manual_seed(seed))  # with repeats
+        torch.testing.assert_close(ours(seen, scores.clone()), theirs(seen, scores.clone()), rtol=0, atol=0)
+
+
+# ---- models ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A random GPT-2 in transformers and the same weights in ours (initializer_range 0.1 makes
+    the next-token distributions peaked enough that fp32 rounding never decides a choice)."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=64, vocab_size=211,
+                                     initializer_range=0.1, eos_token_id=210, bos_token_id=210)
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    path = tmp_path_factory.mktemp("hf")
+    hf.save_pretrained(path)
+    return hf, GPT.from_pretrained(path).eval()
+
+
+PROMPTS = [[5], [17, 3, 99, 42], list(range(100, 117)), [7, 7, 7, 7, 7, 7, 8]]
+
+
+def hf_generate(hf, ids, **kw):
+    idx = torch.tensor([ids])
+    out = hf.generate(idx, attention_mask=torch.ones_like(idx), do_sample=False, pad_token_id=210, **kw)
+    return out[0].tolist()
+
+
+@pytest.mark.parametrize("prompt", PROMPTS, ids=lambda p: f"len{len(p)}")
+def test_greedy_equals_transformers(models, prompt):
+    hf, ours = models
+    expected = hf_generate(hf, prompt, max_new_tokens=20)
+    assert generate(ours, torch.tensor([prompt]), 20, temperature=0)[0].tolist() == expected
+    expected = hf_generate(hf, prompt, max_new_tokens=20, repetition_penalty=1.5)
+    assert generate(ours, torch.tensor([prompt]), 20, temperature=0, repetition_penalty=1.5)[0].tolist() == expected
+
+
+@pytest.mark.parametrize("prompt", PROMPTS, ids=lambda p: f"len{len(p)}")
+@pytest.mark.parametrize("alpha, k", [(0.6, 4), (0.3, 6)])
+def test_contrastive_search_equals_transformers(models, prompt, alpha, k):
+    hf, ours = models
+    expected = hf_generate(hf, prompt, max_new_tokens=25, penalty_alpha=alpha, top_k=k)
+    got = generate(ours, torch.tensor([prompt]), 25, penalty_alpha=alpha, top_k=k)[0].tolist()
+    assert got == expected
+
+
+def test_contrastive_search_on_a_left_padded_batch_equals_transformers(models):
+    hf, ours = models
+    idx, mask = pad_prompts(PROMPTS, pad_id=210)
+    expected = hf.generate(idx, attention_mask=mask, do_sample=False, penalty_alpha=0.6, top_k=4,
+                           max_new_tokens=15, pad_token_id=210)
+    got = generate(ours, idx, 15, penalty_alpha=0.6, top_k=4, attention_mask=mask)
+    assert got.tolist() == expected.tolist()
+
+
+# ---- our own guarantees ---------------------------------------------------------------------------
+
+
+def uncached_greedy(model, prompt, n):
+    """Reference: a full forward over the whole sequence for every new token."""
+    tokens = list(prompt)
+    for _ in range(n):
+        logits = model.logits(model.hidden_states(torch.tensor([tokens])))[0, -1]
+        tokens.append(int(logits.argmax()))
+    return tokens
+
+
+def test_cached_generation_equals_uncached(models):
+    _, ours = models
+    for prompt in PROMPTS:
+        assert generate(ours, torch.tensor([prompt]), 30, temperature=0)[0].tolist() == uncached_greedy(ours, prompt, 30)
+
+
+@pytest.mark.parametrize("settings", [dict(temperature=0), dict(penalty_alpha=0.6, top_k=4)], ids=["greedy", "contrastive"])
+def test_mixed_length_batch_equals_one_by_one(models, settings):
+    _, ours = models
+    idx, mask = pad_prompts(PROMPTS, pad_id=0)
+    batch = generate(ours, idx, 12, attention_mask=mask, **settings)
+    for i, prompt in enumerate(PROMPTS):
+        alone = generate(ours, torch.tensor([prompt]), 12, **settings)[0].tolist()
+        assert batch[i, idx.size(1) - len(prompt):].tolist() == alone
+
+
+def test_seeded_sampling_is_reproducible_and_num_samples_share_one_prompt(models):
+    _, ours = models
+    idx = torch.tensor([PROMPTS[1]])
+
+    def sample(seed, **kw):
+        g = torch.Generator().manual_seed(seed)
+        return generate(ours, idx, 20, temperature=0.9, top_k=50, top_p=0.95, min_p=0.01, generator=g,
+                        num_samples=3, **kw)
+
+    a, b, c = sample(1), sample(1), sample(2)
+    assert a.shape == (3, 24) and torch.equal(a, b) and not torch.equal(a, c)
+    assert (a[:, :4] == idx).all() and len({tuple(r) for r in a.tolist()}) > 1  # samples differ
+    greedy = generate(ours, idx, 10, temperature=0, num_samples=2)
+    assert torch.equal(greedy[0], greedy[1])
+
+
+def test_stream_yields_what_generate_returns(models):
+    _, ours = models
+    idx = torch.tensor([PROMPTS[2]])
+    steps = list(stream(ours, idx, 9, temperature=0))
+    assert len(steps) == 9 and all(s.shape == (1,) for s in steps)
+    assert torch.cat([idx[0], torch.cat(steps)]).tolist() == generate(ours, idx, 9, temperature=0)[0].tolist()
+
+
+@pytest.mark.parametrize("settings", [dict(temperature=0), dict(penalty_alpha=0.6, top_k=3)], ids=["greedy", "contrastive"])
+def test_context_slides_past_block_size(settings):
+    torch.manual_seed(3)
+    model = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32)).eval()
+    prompt = list(range(20, 30))
+    out = generate(model, torch.tensor([prompt]), 40, **settings)[0].tolist()
+    assert len(out) == 50
+    if "penalty_alpha" in settings:
+        return
+    # reference: the context is the current window; when it would exceed block_size,
+    # it restarts from the last block_size - 1 tokens
+    tokens, start = list(prompt), 0
+    for _ in range(40):
+        logits = model.logits(model.hidden_states(torch.tensor([tokens[start:]])))[0, -1]
+        tokens.append(int(logits.argmax()))
+        if len(tokens) - start > 16:
+            start = len(tokens) - 15
+    assert out == tokens
+
+
+def test_rows_stop_at_eos(models):
+    _, ours = models
+    free = generate(ours, torch.tensor([PROMPTS[1]]), 10, temperature=0)[0].tolist()
+    eos = free[4 + 3]  # the 4th generated token
+    first = free[4:].index(eos)
+    out = generate(ours, torch.tensor([PROMPTS[1]]), 10, temperature=0, eos_token_id=eos)[0].tolist()
+    assert out == free[: 4 + first + 1]  # stops right after eos
+    idx, mask = pad_prompts([PROMPTS[1], PROMPTS[0]], pad_id=0)
+    both = generate(ours, idx, 10, temperature=0, eos_token_id=eos, attention_mask=mask)
+    row = both[0, idx.size(1):].tolist()
+    assert row[: first + 1] == free[4 : 4 + first + 1] and set(row[first:]) == {eos}  # filled with eos
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(top_p=0.0), "top_p must be in (0, 1]"),
+        (dict(top_p=1.5), "top_p must be in (0, 1]"),
+        (dict(top_k=0), "top_k must be >= 1"),
+        (dict(temperature=-1.0), "temperature must be >= 0"),
+        (dict(penalty_alpha=1.5, top_k=4), "penalty_alpha must be in [0, 1]"),
+        (dict(min_p=2.0), "min_p must be in [0, 1]"),
+        (dict(repetition_penalty=0.0), "repetition_penalty must be > 0"),
+    ],
+)
+def test_bad_settings_are_clear_errors(models, kwargs, message):
+    _, ours = models
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace("[", r"\[").replace("]", r"\]")):
+        generate(ours, torch.tensor([[1, 2]]), 5, **kwargs)
+    with pytest.raises(UserError, match="max_new_tokens must be at least 1"):
+        generate(ours, torch.tensor([[1, 2]]), 0)
