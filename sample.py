@@ -1,0 +1,140 @@
+"""Generate text from a trained checkpoint or a Hugging Face GPT-2.
+
+    python sample.py --out_dir=out/shakespeare_char --prompt="ROMEO:"
+    python sample.py --out_dir=out/shakespeare_char --ckpt=best.pt --temperature=0   # greedy
+    python sample.py --init_from=gpt2 --prompt="The meaning of life is" --top_p=0.9  # needs the network
+    python sample.py --init_from=gpt2 --prompt="..." --penalty_alpha=0.6 --top_k=4   # contrastive search
+
+Text appears as it is generated when the output is a terminal (--stream /
+--no-stream to choose). Generation of a sample ends at max_new_tokens, at the
+end-of-text token, or at any --stop string.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from gpt.checkpoint import load_checkpoint
+from gpt.errors import UserError, exit_on_user_error
+from gpt.model import GPT, GPTConfig
+from gpt.sampling import check_settings, stream
+from gpt.tokenizer import EOT_TEXT, Tokenizer, from_spec, get_tokenizer
+from gpt.trainer import pick_device, pick_dtype
+
+SEPARATOR = "\n" + "-" * 40
+
+
+def load(args) -> tuple[GPT, Tokenizer]:
+    """The model and its tokenizer: our checkpoint, or a Hugging Face GPT-2 (GPT-2's BPE)."""
+    if args.init_from:
+        return GPT.from_pretrained(args.init_from), get_tokenizer("gpt2")
+    path = Path(args.ckpt)
+    if not path.is_absolute() and not path.exists():
+        path = Path(args.out_dir) / args.ckpt
+    ckpt = load_checkpoint(path)
+    model = GPT(GPTConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    return model, from_spec(ckpt["tokenizer"])
+
+
+def text_so_far(tok: Tokenizer, tokens: list[int], stops: list[str]) -> tuple[str, bool]:
+    """The decoded sample and whether it is complete (end-of-text or a stop string reached)."""
+    done = tok.eot_token in tokens
+    text = tok.decode(tokens[: tokens.index(tok.eot_token)] if done else tokens)
+    cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
+    if cuts:
+        return text[: min(cuts)], True
+    return text, done
+
+
+def printable(text: str, stops: list[str]) -> int:
+    """How much of a growing sample can be shown for sure: not a trailing half character
+    (U+FFFD until its other bytes arrive), nor an end that may become a stop string."""
+    end = len(text) - 1 if text.endswith("\ufffd") else len(text)
+    held = [k for s in stops for k in range(1, len(s)) if text[:end].endswith(s[:k])]
+    return end - max(held, default=0)
+
+
+def prompt_ids(args, tok: Tokenizer) -> list[int]:
+    text = Path(args.prompt_file).read_text() if args.prompt_file else args.prompt
+    if not text:
+        print(f"note: empty prompt: starting from {EOT_TEXT}", file=sys.stderr)
+        return [tok.eot_token]
+    return tok.encode(text)
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--out_dir", default="out", help="a training run's directory (default: out)")
+    p.add_argument("--ckpt", default="ckpt.pt", help="checkpoint file in out_dir, or a path (default: ckpt.pt)")
+    p.add_argument("--init_from", default=None, help="a Hugging Face GPT-2 instead: gpt2, gpt2-medium, ... or a directory")
+    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    p.add_argument("--prompt_file", default=None, help="read the prompt from this file")
+    p.add_argument("--num_samples", type=int, default=3)
+    p.add_argument("--max_new_tokens", type=int, default=500)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    p.add_argument("--top_k", type=int, default=200, help="keep the k likeliest tokens (default 200); with "
+                   "--penalty_alpha, the candidates of contrastive search")
+    p.add_argument("--top_p", type=float, default=None, help="nucleus sampling threshold, in (0, 1]")
+    p.add_argument("--min_p", type=float, default=None, help="keep tokens with at least min_p x the top probability")
+    p.add_argument("--repetition_penalty", type=float, default=1.0, help="> 1 discourages repeats (default 1 = off)")
+    p.add_argument("--penalty_alpha", type=float, default=None, help="contrastive search degeneration penalty, in [0, 1]")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--stop", action="append", default=[], help="end a sample at this text (repeatable)")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="print text as it is generated (default: when the output is a terminal)")
+    args = p.parse_args(argv)
+    if args.num_samples < 1:
+        raise UserError(f"--num_samples must be at least 1, got {args.num_samples}")
+    check_settings(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.min_p,
+                   args.repetition_penalty, args.penalty_alpha)
+    live = sys.stdout.isatty() if args.stream is None else args.stream
+
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    model, tok = load(args)
+    model.to(device).eval()
+    idx = torch.tensor([prompt_ids(args, tok)], device=device)
+    prompt_text = "" if idx[0, 0] == tok.eot_token and idx.size(1) == 1 else tok.decode(idx[0].tolist())
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    settings = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                    repetition_penalty=args.repetition_penalty, penalty_alpha=args.penalty_alpha,
+                    eos_token_id=tok.eot_token, generator=generator)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+
+    with autocast:
+        if live:  # one sample after another, each printed as it grows
+            for i in range(args.num_samples):
+                print(prompt_text, end="", flush=True)
+                tokens, shown = [], ""
+                for step in stream(model, idx, args.max_new_tokens, **settings):
+                    tokens.append(int(step[0]))
+                    text, done = text_so_far(tok, tokens, args.stop)
+                    text = text if done else text[: printable(text, args.stop)]
+                    print(text[len(shown):], end="", flush=True)
+                    shown = text
+                    if done:
+                        break
+                print(SEPARATOR if i < args.num_samples - 1 else "", flush=True)
+        else:  # all samples in one batch: one prefill, rows repeated
+            rows = [[] for _ in range(args.num_samples)]
+            for step in stream(model, idx, args.max_new_tokens, num_samples=args.num_samples, **settings):
+                for row, token in zip(rows, step.tolist()):
+                    row.append(token)
+                if all(text_so_far(tok, row, args.stop)[1] for row in rows):
+                    break
+            texts = [prompt_text + text_so_far(tok, row, args.stop)[0] for row in rows]
+            print((SEPARATOR + "\n").join(texts))
+
+
+if __name__ == "__main__":
+    main()
