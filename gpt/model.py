@@ -118,7 +118,8 @@ class KVCache:
         rows = torch.as_tensor(rows, device=self.k.device, dtype=torch.long)
         n = self.length  # copy only the filled positions: the rest is never read before written
         k, v = self.k.new_empty(self._shape(len(rows))), self.v.new_empty(self._shape(len(rows)))
-        k[:, :, :, :n], v[:, :, :, :n] = self.k[:, rows, :, :n], self.v[:, rows, :, :n]
+        torch.index_select(self.k[:, :, :, :n], 1, rows, out=k[:, :, :, :n])  # one copy, no temporary
+        torch.index_select(self.v[:, :, :, :n], 1, rows, out=v[:, :, :, :n])
         self.k, self.v = k, v
         self.key_mask, self.n_tokens = self.key_mask[rows], self.n_tokens[rows]
 
