@@ -80,8 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num_samples", type=int, default=3)
     p.add_argument("--max_new_tokens", type=int, default=500)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
-    p.add_argument("--top_k", type=int, default=200, help="keep the k likeliest tokens (default 200); with "
-                   "--penalty_alpha, the candidates of contrastive search")
+    p.add_argument("--top_k", type=int, default=None, help="keep the k likeliest tokens (default: all); with "
+                   "--penalty_alpha, the number of candidates of contrastive search")
     p.add_argument("--top_p", type=float, default=None, help="nucleus sampling threshold, in (0, 1]")
     p.add_argument("--min_p", type=float, default=None, help="keep tokens with at least min_p x the top probability")
     p.add_argument("--repetition_penalty", type=float, default=1.0, help="> 1 discourages repeats (default 1 = off)")
