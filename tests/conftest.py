@@ -14,3 +14,15 @@ SMALL_WORKS = ["phoenix_and_the_turtle", "passionate_pilgrim", "lovers_complaint
 def shakespeare_docs() -> list[str]:
     """Four real documents (two short poems, a longer poem, a play), ~110 kB of text."""
     return [lzma.open(SHAKESPEARE / "texts" / f"{name}_gut.txt.xz", "rt", newline="").read() for name in SMALL_WORKS]
+
+
+@pytest.fixture(scope="session")
+def char_data(tmp_path_factory, shakespeare_docs):
+    """Those four works prepared with the char tokenizer (a directory for TokenDataset / train.py)."""
+    from gpt.prepare import prepare
+
+    root = tmp_path_factory.mktemp("data")
+    for i, doc in enumerate(shakespeare_docs):
+        (root / f"{i}.txt").write_text(doc)
+    prepare([str(root / "*.txt")], root / "char", "char", val_fraction=0.3, seed=1, workers=1, progress=False)
+    return root / "char"

@@ -12,14 +12,9 @@ from gpt.errors import UserError
 from gpt.prepare import prepare
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory, shakespeare_docs):
-    """Four Shakespeare works prepared with the char tokenizer."""
-    root = tmp_path_factory.mktemp("data")
-    for i, doc in enumerate(shakespeare_docs):
-        (root / f"{i}.txt").write_text(doc)
-    prepare([str(root / "*.txt")], root / "char", "char", val_fraction=0.3, seed=1, workers=1, progress=False)
-    return root / "char"
+@pytest.fixture
+def prepared(char_data):
+    return char_data
 
 
 def test_batches_are_windows_shifted_by_one(prepared):
@@ -132,20 +127,17 @@ def copy_dataset(src, dst):
     return dst
 
 
-def test_file_size_not_a_multiple_of_the_dtype(prepared, tmp_path):
+@pytest.mark.parametrize(
+    "split, extra, message",
+    [("train", b"\0", "not a whole number of uint16 tokens"), ("val", b"\0\0", "meta.json says")],
+    ids=["size not a multiple of the dtype", "token count not meta.json's"],
+)
+def test_damaged_token_files(prepared, tmp_path, split, extra, message):
     bad = copy_dataset(prepared, tmp_path / "bad")
-    with open(bad / "train.bin", "ab") as f:
-        f.write(b"\0")
-    with pytest.raises(UserError, match="not a whole number of uint16 tokens"):
-        TokenDataset(bad, "train")
-
-
-def test_token_count_that_disagrees_with_meta(prepared, tmp_path):
-    bad = copy_dataset(prepared, tmp_path / "bad")
-    with open(bad / "val.bin", "ab") as f:
-        f.write(b"\0\0")
-    with pytest.raises(UserError, match="meta.json says"):
-        TokenDataset(bad, "val")
+    with open(bad / f"{split}.bin", "ab") as f:
+        f.write(extra)
+    with pytest.raises(UserError, match=message):
+        TokenDataset(bad, split)
 
 
 def test_unknown_dtype_in_meta(prepared, tmp_path):

@@ -24,13 +24,9 @@ TINY = [
 ]
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory, shakespeare_docs):
-    root = tmp_path_factory.mktemp("data")
-    for i, doc in enumerate(shakespeare_docs):
-        (root / f"{i}.txt").write_text(doc)
-    prepare([str(root / "*.txt")], root / "char", "char", val_fraction=0.3, seed=1, workers=1, progress=False)
-    return root / "char"
+@pytest.fixture
+def data_dir(char_data):
+    return char_data
 
 
 def args(data_dir, out_dir, *more):
