@@ -58,18 +58,20 @@ def main():
             torch.cuda.reset_peak_memory_stats(device)
         times = []
         for i in range(args.warmup + args.iters):
+            trainer.tokens_since_log = 0
             t0 = time.perf_counter()
             loss, _, _ = trainer.step(lr_at(i, cfg.optim, cfg.run.max_iters))  # .tolist() inside waits for the GPU
             if i >= args.warmup:
                 times.append(time.perf_counter() - t0)
+        tokens_per_step = trainer.tokens_since_log
         seconds = statistics.median(times)
-        tokens_per_sec = trainer.tokens_per_step / seconds
+        tokens_per_sec = tokens_per_step / seconds
         mfu = trainer.raw_model.estimate_mfu(tokens_per_sec / trainer.procs.world_size, device)
         print(json.dumps({
             "bench": "train_step", "config": args.config, "overrides": overrides,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
             "dtype": str(trainer.dtype).removeprefix("torch."), "compile": trainer.model is not trainer.raw_model,
-            "params_m": round(trainer.raw_model.num_params() / 1e6, 2), "tokens_per_step": trainer.tokens_per_step,
+            "params_m": round(trainer.raw_model.num_params() / 1e6, 2), "tokens_per_step": tokens_per_step,
             "ms_per_iter_median": round(seconds * 1e3, 2), "tokens_per_sec": round(tokens_per_sec),
             "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
             "mfu": None if mfu is None else round(mfu, 4), "last_loss": round(loss, 4),

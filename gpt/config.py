@@ -5,7 +5,7 @@
     save_config(cfg, "out/shakespeare_char/config.toml")
 
 A config file has one table per section: [run] [data] [model] [batch] [optim]
-[eval] [log] [system]. Every key is optional; the defaults are below. An
+[eval] [log] [system], and [classify] for fine-tuning on labelled text. Every key is optional; the defaults are below. An
 override is --section.key=value, or --key=value when no other section has that
 key. Its value is read as TOML (1e-3, true, "text"), else taken as a string.
 
@@ -40,8 +40,12 @@ def _require(ok: bool, key: str, expected: str, value) -> None:
         raise UserError(f"{key} must be {expected}, got {value!r}")
 
 
+TASKS = ("lm", "classify")
+
+
 @dataclass
 class RunConfig:
+    task: str = "lm"  # lm (language modelling) | classify (text classification: see [classify])
     out_dir: str = "out"  # checkpoints, config.toml, metrics.jsonl, loss.png
     init_from: str = "scratch"  # scratch | resume | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a HF directory
     max_iters: int = 5000  # optimiser steps
@@ -49,6 +53,7 @@ class RunConfig:
     keep_last: int = 2  # checkpoints kept besides the best one
 
     def __post_init__(self):
+        _require(self.task in TASKS, "task", f"one of {', '.join(TASKS)}", self.task)
         _require(self.max_iters >= 0, "max_iters", "a non-negative integer", self.max_iters)
         _require(self.keep_last >= 1, "keep_last", "at least 1", self.keep_last)
         _require(bool(self.out_dir), "out_dir", "a directory", self.out_dir)
@@ -64,6 +69,35 @@ class DataConfig:
 
     def __post_init__(self):
         _require(0 <= self.val_fraction < 1, "val_fraction", "in [0, 1)", self.val_fraction)
+
+
+BEST_METRICS = ("val_loss", "accuracy", "macro_f1")
+
+
+@dataclass
+class ClassifyConfig:
+    """Fine-tuning on labelled text (run.task = "classify")."""
+
+    train_file: str = ""  # CSV, TSV or JSON Lines with a text and a label column
+    val_file: str = ""  # "": a stratified split of train_file (val_fraction)
+    test_file: str = ""  # optional: evaluated with the best checkpoint at the end
+    val_fraction: float = 0.1
+    text_column: str = "text"
+    label_column: str = "label"
+    truncate: str = "head"  # texts longer than block_size keep their "head" or their "tail"
+    tokenizer: str = "gpt2"  # from scratch only; a pretrained backbone brings its own
+    scratch_if_missing: bool = False  # run.init_from names a checkpoint that does not exist: train from scratch
+    freeze_backbone: bool = False  # train the head only
+    head_dropout: float = 0.1
+    lm_loss_weight: float = 0.0  # auxiliary language-modelling loss (GPT-1 used 0.5)
+    best_metric: str = "macro_f1"  # val_loss | accuracy | macro_f1: chooses best.pt
+
+    def __post_init__(self):
+        _require(0 <= self.val_fraction < 1, "val_fraction", "in [0, 1)", self.val_fraction)
+        _require(self.truncate in ("head", "tail"), "truncate", '"head" or "tail"', self.truncate)
+        _require(0 <= self.head_dropout < 1, "head_dropout", "in [0, 1)", self.head_dropout)
+        _require(self.lm_loss_weight >= 0, "lm_loss_weight", "non-negative", self.lm_loss_weight)
+        _require(self.best_metric in BEST_METRICS, "best_metric", f"one of {', '.join(BEST_METRICS)}", self.best_metric)
 
 
 @dataclass
@@ -112,11 +146,13 @@ class OptimConfig:
 @dataclass
 class EvalConfig:
     eval_interval: int = 250  # evaluate (and checkpoint) every this many iterations
-    eval_iters: int = 20  # batches per split for each evaluation
+    eval_iters: int = 20  # batches per split for each evaluation (language modelling)
+    early_stopping: int = 0  # stop after this many evaluations without a better best (0 = off)
 
     def __post_init__(self):
         _require(self.eval_interval >= 1, "eval_interval", "a positive integer", self.eval_interval)
         _require(self.eval_iters >= 1, "eval_iters", "a positive integer", self.eval_iters)
+        _require(self.early_stopping >= 0, "early_stopping", "a non-negative integer", self.early_stopping)
 
 
 @dataclass
@@ -155,6 +191,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
     system: SystemConfig = field(default_factory=SystemConfig)
+    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
     # dotted keys that the file or the command line set (the rest are defaults)
     explicit: frozenset = field(default_factory=frozenset, compare=False, repr=False)
 

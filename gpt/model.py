@@ -375,6 +375,61 @@ class GPT(nn.Module):
         save_pretrained(self, directory)
 
 
+class GPTClassifier(nn.Module):
+    """A GPT backbone with a classification head on the final hidden state of each
+    sequence's last real token (GPT-1; transformers' GPT2ForSequenceClassification).
+
+    Padding may be on either side: attention_mask marks the real tokens, and the result
+    is the same. lm_loss_weight > 0 adds GPT-1's auxiliary language-modelling loss on
+    the same texts.
+    """
+
+    def __init__(self, backbone: GPT, n_classes: int, dropout: float = 0.1):
+        super().__init__()
+        self.backbone = backbone
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(backbone.config.n_embd, n_classes)
+        nn.init.normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    @property
+    def config(self) -> GPTConfig:
+        return self.backbone.config
+
+    def forward(self, idx, attention_mask=None, labels=None, lm_loss_weight: float = 0.0):
+        """-> (logits (B, n_classes), loss or None)."""
+        mask = torch.ones_like(idx) if attention_mask is None else attention_mask
+        h = self.backbone.hidden_states(idx, attention_mask=mask)
+        # the last real token: the last column where the mask is 1
+        last = mask.size(1) - 1 - mask.flip(1).argmax(dim=1)
+        logits = self.head(self.dropout(h[torch.arange(len(idx), device=idx.device), last]))
+        if labels is None:
+            return logits, None
+        loss = F.cross_entropy(logits.float(), labels)
+        if lm_loss_weight:
+            real = mask.bool()
+            targets = idx[:, 1:].masked_fill(~(real[:, 1:] & real[:, :-1]), -1)  # next token within the text
+            lm_logits = self.backbone.logits(h[:, :-1]).float()
+            loss = loss + lm_loss_weight * F.cross_entropy(
+                lm_logits.reshape(-1, lm_logits.size(-1)), targets.reshape(-1), ignore_index=-1
+            )
+        return logits, loss
+
+
+def pad_sequences(seqs: list[list[int]], pad_id: int = 0, left: bool = True, device=None):
+    """Token lists of different lengths -> (B, longest) ids and the attention_mask that
+    hidden_states/forward take (1 = token, 0 = padding). Left padding suits generation
+    (every row's next token is in the last column); either side gives the same states."""
+    width = max(len(s) for s in seqs)
+    idx = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, s in enumerate(seqs):
+        if s:
+            span = slice(width - len(s), width) if left else slice(0, len(s))
+            idx[row, span], mask[row, span] = torch.as_tensor(s, dtype=torch.long), 1
+    return idx.to(device), mask.to(device)
+
+
 # Dense bf16 tensor-core peaks (FLOP/s, no sparsity) from NVIDIA's datasheets, matched
 # against torch.cuda.get_device_name(); the first match wins, so specific names come first.
 PEAK_BF16_FLOPS = (

@@ -28,7 +28,8 @@ def plot_metrics(metrics: Path, png: Path) -> Path | None:
     evals = [r for r in records if "val_loss" in r]
     fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=(3, 1))
     ax_loss.plot([r["iter"] for r in steps], [r["loss"] for r in steps], lw=0.8, alpha=0.6, label="train (batch)")
-    ax_loss.plot([r["iter"] for r in evals], [r["train_loss"] for r in evals], "o-", label="train (eval)")
+    if evals and "train_loss" in evals[0]:
+        ax_loss.plot([r["iter"] for r in evals], [r["train_loss"] for r in evals], "o-", label="train (eval)")
     ax_loss.plot([r["iter"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val")
     ax_loss.set_ylabel("loss (nats per token)")
     ax_loss.legend()

@@ -19,7 +19,7 @@ on the KV cache; contrastive search runs its top_k candidates as one batched
 forward (cache rows repeated) and keeps the winner's rows.
 
 Batches: prompts of different lengths are left-padded, with an attention_mask
-(1 = token, 0 = padding; see `pad_prompts`); num_samples repeats each prompt's
+(1 = token, 0 = padding; see `pad_sequences`); num_samples repeats each prompt's
 cache after one prefill. A row stops at eos_token_id (later positions repeat it).
 Past block_size, the context slides: the cache is rebuilt from the last
 block_size - 1 tokens of each row.
@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt.errors import UserError
-from gpt.model import GPT, KVCache
+from gpt.model import GPT, KVCache, pad_sequences  # noqa: F401 (pad_sequences: for callers)
 
 # ---- logits processors ------------------------------------------------------------------
 # Each maps (tokens so far (B, S), scores (B, V)) to new scores (B, V).
@@ -129,21 +129,6 @@ def check_settings(max_new_tokens, temperature, top_k, top_p, min_p, repetition_
     for ok, message, value in checks:
         if not ok:
             raise UserError(f"{message}, got {value}")
-
-
-# ---- batches of prompts ---------------------------------------------------------------------
-
-
-def pad_prompts(prompts: list[list[int]], pad_id: int = 0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token lists of different lengths -> left-padded (B, T) ids and attention mask."""
-    width = max(len(p) for p in prompts)
-    idx = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        if p:
-            idx[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-            mask[i, width - len(p):] = 1
-    return idx.to(device), mask.to(device)
 
 
 # ---- decoding ------------------------------------------------------------------------------

@@ -127,6 +127,132 @@ def make_optimizer(model: GPT, optim: OptimConfig, device: torch.device) -> torc
     return torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), fused=device.type == "cuda")
 
 
+# ---- the task: what is learned from which data ---------------------------------------------------
+# A task owns the data, builds the model, hands out micro-batches, computes the loss and
+# the evaluation. The Trainer owns everything else (processes, precision, optimiser,
+# checkpoints, logging). gpt/classify.py has the other task, text classification.
+
+
+class LanguageModeling:
+    """Next-token prediction on a corpus prepared by gpt.prepare (run.task = "lm")."""
+
+    best_metric, higher_is_better = "val_loss", False
+
+    def __init__(self, cfg: Config, procs: Processes, barrier):
+        data_dir = Path(cfg.data.dir)
+        shipped = data_dir.name in TOKENIZERS and (data_dir.parent / "texts").is_dir()
+        if shipped and not (data_dir / "meta.json").exists():  # e.g. data/shakespeare/char, on first use
+            if procs.local_rank == 0:
+                ensure_prepared(data_dir.parent, data_dir.name, val_fraction=cfg.data.val_fraction)
+            barrier()
+        self.train_data, self.val_data = TokenDataset(data_dir, "train"), TokenDataset(data_dir, "val")
+        self.tokenizer_spec = self.train_data.meta["tokenizer"]
+        self.procs = procs
+
+    def build_model(self, cfg: Config, ckpt: dict | None, out_dir: Path) -> GPT:
+        """Fresh, from our checkpoint (resume) or from a Hugging Face GPT-2 (continued pretraining)."""
+        explicit = explicit_model_keys(cfg)
+        data_vocab = self.train_data.vocab_size
+        if ckpt is not None:
+            if ckpt["tokenizer"] != self.tokenizer_spec:
+                raise UserError(f"the checkpoint in {out_dir} was trained on {ckpt['tokenizer']['name']} tokens, "
+                                f"but {cfg.data.dir} holds {self.tokenizer_spec['name']} tokens: resume on the same data")
+            return check_architecture(backbone_from_checkpoint(ckpt, cfg), cfg, f"the checkpoint in {out_dir}")
+        if cfg.run.init_from == "scratch":
+            if "vocab_size" in explicit and cfg.model.vocab_size != data_vocab:
+                raise UserError(f"model.vocab_size = {cfg.model.vocab_size}, but {cfg.data.dir} has {data_vocab} token ids: "
+                                f"remove model.vocab_size (it comes from the data) or prepare the data with the right tokenizer")
+            return GPT(dataclasses.replace(cfg.model, vocab_size=data_vocab))
+        return pretrained_gpt2(cfg)
+
+    def setup(self, cfg: Config) -> None:
+        """Once the model is built: data checks, the sampler and the fixed evaluation batches."""
+        self.T, self.batch_size = cfg.model.block_size, cfg.batch.batch_size
+        for data in (self.train_data, self.val_data):
+            data.check(self.T, cfg.model.vocab_size)
+        p = self.procs
+        self.sampler = WindowSampler(self.train_data.num_windows(self.T), self.batch_size, seed=cfg.run.seed,
+                                     rank=p.rank, world_size=p.world_size)
+        self.eval_batches = {
+            split: eval_indices(data.num_windows(self.T), self.batch_size, cfg.eval.eval_iters, rank=p.rank,
+                                world_size=p.world_size)
+            for split, data in (("train", self.train_data), ("val", self.val_data))
+        }
+
+    def grad_accum(self, cfg: Config) -> int:
+        if not cfg.batch.tokens_per_step:
+            return cfg.batch.grad_accum
+        per_micro_step = cfg.batch.batch_size * cfg.model.block_size * self.procs.world_size
+        if cfg.batch.tokens_per_step % per_micro_step:
+            raise UserError(
+                f"batch.tokens_per_step ({cfg.batch.tokens_per_step:,}) must be a multiple of batch_size x block_size x "
+                f"processes = {cfg.batch.batch_size} x {cfg.model.block_size} x {self.procs.world_size} = {per_micro_step:,}: "
+                f"change tokens_per_step, batch_size or the number of processes"
+            )
+        return cfg.batch.tokens_per_step // per_micro_step
+
+    def describe_step(self, grad_accum: int) -> str:
+        w = self.procs.world_size
+        return (f"{self.batch_size * self.T * grad_accum * w:,} tokens per step "
+                f"({self.batch_size} x {self.T} x {grad_accum} accumulation x {w})")
+
+    def next_batch(self) -> tuple[torch.Tensor, ...]:
+        return self.train_data.batch(self.sampler.next_indices(), self.T)
+
+    def loss(self, model, batch) -> torch.Tensor:
+        return model(*batch)[1]
+
+    @torch.no_grad()
+    def evaluate(self, model, device, autocast, split: str = "val") -> dict[str, torch.Tensor]:
+        """Sums over this process's share of the fixed batches (the Trainer adds up all processes)."""
+        sums = {}
+        for split, data in (("train", self.train_data), ("val", self.val_data)):
+            total = torch.zeros((), device=device)
+            for indices in self.eval_batches[split]:
+                with autocast():
+                    total += model(*to_device(data.batch(indices, self.T), device))[1].float()
+            sums[f"{split}_loss"] = total
+            sums[f"{split}_batches"] = torch.tensor(float(len(self.eval_batches[split])), device=device)
+        return sums
+
+    def summarize(self, sums: dict[str, torch.Tensor], split: str = "val") -> tuple[dict, str]:
+        metrics = {f"{s}_loss": (sums[f"{s}_loss"] / sums[f"{s}_batches"]).item() for s in ("train", "val")}
+        return metrics, f"train loss {metrics['train_loss']:.4f}, val loss {metrics['val_loss']:.4f}"
+
+    def checkpoint_extras(self) -> dict:
+        return {"tokenizer": self.tokenizer_spec}
+
+
+def explicit_model_keys(cfg: Config) -> set[str]:
+    return {k.split(".", 1)[1] for k in cfg.explicit if k.startswith("model.")}
+
+
+def backbone_from_checkpoint(ckpt: dict, cfg: Config) -> GPT:
+    """A GPT of a checkpoint's architecture (weights not loaded); an explicit model.dropout wins."""
+    model_config = GPTConfig(**ckpt["model_config"])
+    if "dropout" in explicit_model_keys(cfg):
+        model_config.dropout = cfg.model.dropout
+    return GPT(model_config)
+
+
+def pretrained_gpt2(cfg: Config) -> GPT:
+    """A Hugging Face GPT-2 (hub id or directory), its context cropped to an explicit model.block_size."""
+    model = GPT.from_pretrained(cfg.run.init_from, dropout=cfg.model.dropout)
+    if "block_size" in explicit_model_keys(cfg) and cfg.model.block_size < model.config.block_size:
+        model.crop_block_size(cfg.model.block_size)
+    return check_architecture(model, cfg, cfg.run.init_from)
+
+
+def check_architecture(model: GPT, cfg: Config, source: str) -> GPT:
+    """Refuse a config that sets a model field differently from the weights it starts from."""
+    for name in sorted(explicit_model_keys(cfg) - {"dropout"}):
+        ours, theirs = getattr(cfg.model, name), getattr(model.config, name)
+        if ours != theirs:
+            raise UserError(f"{source} has model.{name} = {theirs}, but the config says {ours}: "
+                            f"remove model.{name} from the config, or start a new run.out_dir")
+    return model
+
+
 # ---- the trainer ----------------------------------------------------------------------------
 
 
@@ -140,36 +266,24 @@ class Trainer:
             torch.set_float32_matmul_precision("high")  # TF32 matmuls
         self._prepare_out_dir(fresh=cfg.run.init_from != "resume")
 
-        # data
-        data_dir = self._data_dir(cfg)
-        self.train_data, self.val_data = TokenDataset(data_dir, "train"), TokenDataset(data_dir, "val")
-        self.tokenizer_spec = self.train_data.meta["tokenizer"]
+        # the task's data and model: fresh, pretrained, or from our checkpoint (resume)
+        if cfg.run.task == "classify":
+            from gpt.classify import Classification
 
-        # model: fresh, from Hugging Face GPT-2, or from our checkpoint
+            self.task = Classification(cfg, self.procs)
+        else:
+            self.task = LanguageModeling(cfg, self.procs, self._barrier)
         torch.manual_seed(cfg.run.seed)
-        resume = cfg.run.init_from == "resume"
-        ckpt = load_checkpoint(find_checkpoint(self.out_dir)) if resume else None
-        self.raw_model = self._build_model(cfg, ckpt).to(self.device)
+        ckpt = load_checkpoint(find_checkpoint(self.out_dir)) if cfg.run.init_from == "resume" else None
+        self.raw_model = self.task.build_model(cfg, ckpt, self.out_dir).to(self.device)
         cfg = dataclasses.replace(cfg, model=self.raw_model.config)  # the resolved architecture
         self.cfg = cfg
-        T = cfg.model.block_size
-        for data in (self.train_data, self.val_data):
-            data.check(T, cfg.model.vocab_size)
-
-        # batch: micro-batch x accumulation x processes
-        self.grad_accum = self._grad_accum(cfg)
-        self.tokens_per_step = cfg.batch.batch_size * T * self.grad_accum * self.procs.world_size
+        self.task.setup(cfg)
+        self.grad_accum = self.task.grad_accum(cfg)
 
         self.optimizer = make_optimizer(self.raw_model, cfg.optim, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
-        self.sampler = WindowSampler(self.train_data.num_windows(T), cfg.batch.batch_size, seed=cfg.run.seed,
-                                     rank=self.procs.rank, world_size=self.procs.world_size)
-        self.eval_batches = {
-            split: eval_indices(data.num_windows(T), cfg.batch.batch_size, cfg.eval.eval_iters,
-                                rank=self.procs.rank, world_size=self.procs.world_size)
-            for split, data in (("train", self.train_data), ("val", self.val_data))
-        }
-        self.iter, self.best_val_loss, self.wandb_id = 0, float("inf"), None
+        self.iter, self.best, self.evals_since_best, self.wandb_id = 0, None, 0, None
         torch.manual_seed(cfg.run.seed + self.procs.rank)  # dropout differs between processes
         if ckpt is not None:
             self._restore(ckpt)
@@ -188,7 +302,7 @@ class Trainer:
             save_config(cfg, self.out_dir / "config.toml")
             self._trim_metrics()
             self._start_wandb()
-        self.stop_requested = False
+        self.stop_requested, self.tokens_since_log = False, 0
 
     # ---- setup helpers -----------------------------------------------------------------------
 
@@ -211,60 +325,12 @@ class Trainer:
             print(f"note: starting a new run in {self.out_dir}: removed the previous run's "
                   f"{len(previous)} checkpoint file(s) (use --resume to continue a run instead)")
 
-    def _data_dir(self, cfg: Config) -> Path:
-        data_dir = Path(cfg.data.dir)
-        shipped = data_dir.name in TOKENIZERS and (data_dir.parent / "texts").is_dir()
-        if shipped and not (data_dir / "meta.json").exists():
-            if self.procs.local_rank == 0:
-                ensure_prepared(data_dir.parent, data_dir.name, val_fraction=cfg.data.val_fraction)
-            self._barrier()
-        return data_dir
-
-    def _build_model(self, cfg: Config, ckpt: dict | None) -> GPT:
-        explicit = {k.split(".", 1)[1] for k in cfg.explicit if k.startswith("model.")}
-        data_vocab = self.train_data.vocab_size
-        if ckpt is not None:
-            if ckpt["tokenizer"] != self.tokenizer_spec:
-                raise UserError(f"the checkpoint in {self.out_dir} was trained on {ckpt['tokenizer']['name']} tokens, "
-                                f"but {cfg.data.dir} holds {self.tokenizer_spec['name']} tokens: resume on the same data")
-            source, model_config = f"the checkpoint in {self.out_dir}", GPTConfig(**ckpt["model_config"])
-            model_config.dropout = cfg.model.dropout if "dropout" in explicit else model_config.dropout
-            model = GPT(model_config)
-        elif cfg.run.init_from == "scratch":
-            if "vocab_size" in explicit and cfg.model.vocab_size != data_vocab:
-                raise UserError(f"model.vocab_size = {cfg.model.vocab_size}, but {cfg.data.dir} has {data_vocab} token ids: "
-                                f"remove model.vocab_size (it comes from the data) or prepare the data with the right tokenizer")
-            return GPT(dataclasses.replace(cfg.model, vocab_size=data_vocab))
-        else:  # a Hugging Face GPT-2: continued pretraining
-            model = GPT.from_pretrained(cfg.run.init_from, dropout=cfg.model.dropout)
-            source, model_config = cfg.run.init_from, model.config
-            if "block_size" in explicit and cfg.model.block_size < model_config.block_size:
-                model.crop_block_size(cfg.model.block_size)
-        for name in sorted(explicit - {"dropout"}):
-            ours, theirs = getattr(cfg.model, name), getattr(model.config, name)
-            if ours != theirs:
-                raise UserError(f"{source} has model.{name} = {theirs}, but the config says {ours}: "
-                                f"remove model.{name} from the config, or start a new run.out_dir")
-        return model
-
-    def _grad_accum(self, cfg: Config) -> int:
-        if not cfg.batch.tokens_per_step:
-            return cfg.batch.grad_accum
-        per_micro_step = cfg.batch.batch_size * cfg.model.block_size * self.procs.world_size
-        if cfg.batch.tokens_per_step % per_micro_step:
-            raise UserError(
-                f"batch.tokens_per_step ({cfg.batch.tokens_per_step:,}) must be a multiple of batch_size x block_size x "
-                f"processes = {cfg.batch.batch_size} x {cfg.model.block_size} x {self.procs.world_size} = {per_micro_step:,}: "
-                f"change tokens_per_step, batch_size or the number of processes"
-            )
-        return cfg.batch.tokens_per_step // per_micro_step
-
     def _restore(self, ckpt: dict) -> None:
         self.raw_model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
-        self.sampler.load_state_dict(ckpt["sampler"])
-        self.iter, self.best_val_loss = ckpt["iter"], ckpt["best_val_loss"]
+        self.task.sampler.load_state_dict(ckpt["sampler"])
+        self.iter, self.best, self.evals_since_best = ckpt["iter"], ckpt["best"], ckpt["evals_since_best"]
         self.wandb_id = ckpt.get("wandb_id")
         rngs = ckpt["rng"]
         if len(rngs) == self.procs.world_size:
@@ -298,10 +364,10 @@ class Trainer:
     def train(self) -> None:
         cfg = self.cfg
         if self.procs.is_main:
-            print(f"training {self.raw_model.num_params() / 1e6:.2f}M parameters on {self.device} ({str(self.dtype)[6:]}), "
-                  f"{self.procs.world_size} process(es), {self.tokens_per_step:,} tokens per step "
-                  f"({cfg.batch.batch_size} x {cfg.model.block_size} x {self.grad_accum} accumulation x "
-                  f"{self.procs.world_size}), iterations {self.iter} -> {cfg.run.max_iters}")
+            trainable = sum(p.numel() for p in self.raw_model.parameters() if p.requires_grad)
+            print(f"training {trainable / 1e6:.2f}M parameters on {self.device} ({str(self.dtype)[6:]}), "
+                  f"{self.procs.world_size} process(es), {self.task.describe_step(self.grad_accum)}, "
+                  f"iterations {self.iter} -> {cfg.run.max_iters}")
         handlers = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             self._loop()
@@ -317,28 +383,36 @@ class Trainer:
     def _loop(self) -> None:
         cfg = self.cfg
         t_last, iters_since_log, evaluated_at = time.perf_counter(), 0, None
+        self.tokens_since_log = 0
         while self.iter < cfg.run.max_iters:
             if self.iter % cfg.eval.eval_interval == 0 and self.iter != self.start_iter:
                 self.evaluate_and_save()
                 evaluated_at = self.iter
-                t_last, iters_since_log = time.perf_counter(), 0  # evaluation time is not step time
+                t_last, iters_since_log, self.tokens_since_log = time.perf_counter(), 0, 0  # not step time
+                if cfg.eval.early_stopping and self.evals_since_best >= cfg.eval.early_stopping:
+                    if self.procs.is_main:
+                        print(f"early stopping: no better {self.task.best_metric} in {self.evals_since_best} evaluations")
+                    break
             lr = lr_at(self.iter, cfg.optim, cfg.run.max_iters)
             loss, grad_norm, stop = self.step(lr)
             self.iter += 1
             iters_since_log += 1
             if self.iter % cfg.log.log_interval == 0 or self.iter == cfg.run.max_iters:
                 now = time.perf_counter()
-                self._log_step(loss, lr, grad_norm, (now - t_last) / iters_since_log)
-                t_last, iters_since_log = now, 0
+                self._log_step(loss, lr, grad_norm, now - t_last, iters_since_log)
+                t_last, iters_since_log, self.tokens_since_log = now, 0, 0
             if stop:
                 if self.procs.is_main:
                     print(f"stopping at iteration {self.iter} (signal received): writing a checkpoint")
-                self.save(val_loss=None)
+                self.save(metrics=None)
                 return
         if evaluated_at != self.iter:
             self.evaluate_and_save()
+        if hasattr(self.task, "finish"):
+            self.task.finish(self)
         if self.procs.is_main:
-            print(f"done: {self.iter} iterations, best val loss {self.best_val_loss:.4f}, checkpoints in {self.out_dir}")
+            print(f"done: {self.iter} iterations, best {self.task.best_metric} {self.best:.4f}, "
+                  f"checkpoints in {self.out_dir}")
             if cfg.log.plot:
                 from gpt.plot import plot_metrics
 
@@ -353,21 +427,20 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total = torch.zeros((), device=self.device)
-        T = self.cfg.model.block_size
         for micro in range(self.grad_accum):
-            x, y = to_device(self.train_data.batch(self.sampler.next_indices(), T), self.device)
+            batch = to_device(self.task.next_batch(), self.device)
+            self.tokens_since_log += batch[0].numel() * self.procs.world_size
             last = micro == self.grad_accum - 1
             # DDP averages gradients over processes on the last micro-step only
             sync = contextlib.nullcontext() if last or self.procs.world_size == 1 else self.model.no_sync()
             with sync:
                 with self._autocast():
-                    _, loss = self.model(x, y)
-                    loss = loss / self.grad_accum  # so the summed gradient is the full batch's mean
+                    loss = self.task.loss(self.model, batch) / self.grad_accum  # summed gradient = full batch's mean
                 self.scaler.scale(loss).backward()
             total += loss.detach()
         self.scaler.unscale_(self.optimizer)
         clip = self.cfg.optim.grad_clip or float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in self.raw_model.parameters() if p.requires_grad], clip)
         self.scaler.step(self.optimizer)  # skips the step if fp16 gradients overflowed
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -388,38 +461,29 @@ class Trainer:
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Mean loss over the fixed evaluation batches of each split, over all processes."""
+    def evaluate(self, split: str = "val") -> tuple[dict, str]:
+        """The task's evaluation, summed over all processes: (metrics, a line to print)."""
         self.eval_model.eval()
-        T = self.cfg.model.block_size
-        means = []
-        for split, data in (("train", self.train_data), ("val", self.val_data)):
-            total = torch.zeros((), device=self.device)
-            for indices in self.eval_batches[split]:
-                x, y = to_device(data.batch(indices, T), self.device)
-                with self._autocast():
-                    total += self.eval_model(x, y)[1].float()
-            means.append(total / len(self.eval_batches[split]))
+        sums = self.task.evaluate(self.eval_model, self.device, self._autocast, split)
         self.eval_model.train()
-        losses = torch.stack(means)
         if self.procs.world_size > 1:
-            dist.all_reduce(losses)
-            losses /= self.procs.world_size
-        train_loss, val_loss = losses.tolist()
-        return {"train_loss": train_loss, "val_loss": val_loss}
+            for value in sums.values():
+                dist.all_reduce(value)  # SUM
+        return self.task.summarize(sums, split)
 
     def evaluate_and_save(self) -> None:
-        result = self.evaluate()
-        is_best = result["val_loss"] < self.best_val_loss
-        self.best_val_loss = min(self.best_val_loss, result["val_loss"])
+        metrics, line = self.evaluate()
+        value = metrics[self.task.best_metric]
+        is_best = self.best is None or (value > self.best if self.task.higher_is_better else value < self.best)
+        self.best = value if is_best else self.best
+        self.evals_since_best = 0 if is_best else self.evals_since_best + 1
         lr = lr_at(max(self.iter - 1, 0), self.cfg.optim, self.cfg.run.max_iters)
-        self._record({"iter": self.iter, **result, "lr": lr},
-                     f"eval {self.iter}: train loss {result['train_loss']:.4f}, val loss {result['val_loss']:.4f}"
-                     + (" (best)" if is_best else ""))
-        self.save(val_loss=result["val_loss"], is_best=is_best)
+        first, *rest = line.split("\n")
+        self._record({"iter": self.iter, **metrics, "lr": lr},
+                     "\n".join([f"eval {self.iter}: {first}" + (" (best)" if is_best else ""), *rest]))
+        self.save(metrics=metrics, is_best=is_best)
 
-    def save(self, val_loss: float | None, is_best: bool = False) -> None:
+    def save(self, metrics: dict | None, is_best: bool = False) -> None:
         rngs = [rng_state()]
         if self.procs.world_size > 1:
             rngs = [None] * self.procs.world_size
@@ -428,26 +492,29 @@ class Trainer:
             return
         state = {
             "format_version": 1,
+            "task": self.cfg.run.task,
             "iter": self.iter,
             "model": self.raw_model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "sampler": self.sampler.state_dict(),
+            "sampler": self.task.sampler.state_dict(),
             "rng": rngs,
             "config": self.cfg.to_dict(),
             "model_config": dataclasses.asdict(self.raw_model.config),
-            "tokenizer": self.tokenizer_spec,
-            "best_val_loss": self.best_val_loss,
-            "val_loss": val_loss,
+            **self.task.checkpoint_extras(),
+            "best": self.best,
+            "evals_since_best": self.evals_since_best,
+            "metrics": metrics,
             "wandb_id": self.wandb_id,
         }
         save_checkpoint(state, self.out_dir, keep_last=self.cfg.run.keep_last, is_best=is_best)
 
     # ---- logging -------------------------------------------------------------------------------
 
-    def _log_step(self, loss: float, lr: float, grad_norm: float, seconds_per_iter: float) -> None:
-        tokens_per_sec = self.tokens_per_step / seconds_per_iter
-        mfu = self.raw_model.estimate_mfu(tokens_per_sec / self.procs.world_size, self.device)
+    def _log_step(self, loss: float, lr: float, grad_norm: float, seconds: float, iters: int) -> None:
+        seconds_per_iter, tokens_per_sec = seconds / iters, self.tokens_since_log / seconds
+        backbone = getattr(self.raw_model, "backbone", self.raw_model)
+        mfu = backbone.estimate_mfu(tokens_per_sec / self.procs.world_size, self.device)
         eta = (self.cfg.run.max_iters - self.iter) * seconds_per_iter
         line = (f"iter {self.iter}: loss {loss:.4f}, lr {lr:.2e}, norm {grad_norm:.2f}, "
                 f"{seconds_per_iter * 1e3:.0f} ms/iter, {tokens_per_sec:,.0f} tok/s"
@@ -462,7 +529,8 @@ class Trainer:
         with open(self.metrics, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in record.items() if k != "iter" and v is not None}, step=record["iter"])
+            numbers = {k: v for k, v in record.items() if k != "iter" and isinstance(v, (int, float))}
+            self.wandb.log(numbers, step=record["iter"])
 
     # ---- processes and signals --------------------------------------------------------------------
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from gpt import GPT, GPTConfig, UserError
-from gpt.sampling import MinP, RepetitionPenalty, Temperature, TopK, TopP, generate, pad_prompts, stream
+from gpt.sampling import MinP, RepetitionPenalty, Temperature, TopK, TopP, generate, pad_sequences, stream
 
 transformers = pytest.importorskip("transformers")
 from transformers.generation import logits_process as hf_lp  # noqa: E402
@@ -89,7 +89,7 @@ def test_contrastive_search_equals_transformers(models, prompt, alpha, k):
 
 def test_contrastive_search_on_a_left_padded_batch_equals_transformers(models):
     hf, ours = models
-    idx, mask = pad_prompts(PROMPTS, pad_id=210)
+    idx, mask = pad_sequences(PROMPTS, pad_id=210)
     expected = hf.generate(idx, attention_mask=mask, do_sample=False, penalty_alpha=0.6, top_k=4,
                            max_new_tokens=15, pad_token_id=210)
     got = generate(ours, idx, 15, penalty_alpha=0.6, top_k=4, attention_mask=mask)
@@ -117,7 +117,7 @@ def test_cached_generation_equals_uncached(models):
 @pytest.mark.parametrize("settings", [dict(temperature=0), dict(penalty_alpha=0.6, top_k=4)], ids=["greedy", "contrastive"])
 def test_mixed_length_batch_equals_one_by_one(models, settings):
     _, ours = models
-    idx, mask = pad_prompts(PROMPTS, pad_id=0)
+    idx, mask = pad_sequences(PROMPTS, pad_id=0)
     batch = generate(ours, idx, 12, attention_mask=mask, **settings)
     for i, prompt in enumerate(PROMPTS):
         alone = generate(ours, torch.tensor([prompt]), 12, **settings)[0].tolist()
@@ -175,7 +175,7 @@ def test_rows_stop_at_eos(models):
     first = free[4:].index(eos)
     out = generate(ours, torch.tensor([PROMPTS[1]]), 10, temperature=0, eos_token_id=eos)[0].tolist()
     assert out == free[: 4 + first + 1]  # stops right after eos
-    idx, mask = pad_prompts([PROMPTS[1], PROMPTS[0]], pad_id=0)
+    idx, mask = pad_sequences([PROMPTS[1], PROMPTS[0]], pad_id=0)
     both = generate(ours, idx, 10, temperature=0, eos_token_id=eos, attention_mask=mask)
     row = both[0, idx.size(1):].tolist()
     assert row[: first + 1] == free[4 : 4 + first + 1] and set(row[first:]) == {eos}  # filled with eos
