@@ -51,6 +51,29 @@ def test_last_real_token_pooling_is_the_same_with_left_or_right_padding():
     torch.testing.assert_close(logits_left, alone, rtol=1e-5, atol=1e-5)
 
 
+def test_auxiliary_language_modelling_loss():
+    torch.manual_seed(0)
+    model = GPTClassifier(GPT(GPTConfig(block_size=32, vocab_size=60, n_layer=2, n_head=2, n_embd=32)), 2).eval()
+    idx, mask = pad_sequences([[5, 6, 7, 8], [1, 2]], left=False)
+    labels = torch.tensor([1, 0])
+    _, plain = model(idx, mask, labels)
+    _, with_lm = model(idx, mask, labels, lm_loss_weight=0.5)
+    # the LM part: next-token cross-entropy inside each text (5->6, 6->7, 7->8 and 1->2), padding excluded
+    lm_logits = model.backbone.logits(model.backbone.hidden_states(idx, attention_mask=mask))
+    pairs = [(0, 0, 6), (0, 1, 7), (0, 2, 8), (1, 0, 2)]
+    lm = torch.stack([torch.nn.functional.cross_entropy(lm_logits[b, t], torch.tensor(y)) for b, t, y in pairs]).mean()
+    torch.testing.assert_close(with_lm, plain + 0.5 * lm, rtol=1e-5, atol=1e-6)
+
+
+def test_early_stopping(tmp_path, capsys):
+    data = sms_slice(tmp_path, 200)
+    train.main(args(data, tmp_path / "o", "--max_iters=100", "--eval.eval_interval=5", "--eval.early_stopping=2",
+                    "--optim.lr=1e-12", "--optim.min_lr=0", "--classify.best_metric=accuracy"))
+    printed = capsys.readouterr().out
+    assert "early stopping: no better accuracy in 2 evaluations" in printed
+    assert [r["iter"] for r in evals(tmp_path / "o")] == [5, 10, 15]
+
+
 def test_a_short_run_on_sms_spam_beats_the_majority_class(tmp_path):
     data = sms_slice(tmp_path)
     out = tmp_path / "run"
