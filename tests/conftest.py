@@ -26,3 +26,14 @@ def char_data(tmp_path_factory, shakespeare_docs):
         (root / f"{i}.txt").write_text(doc)
     prepare([str(root / "*.txt")], root / "char", "char", val_fraction=0.3, seed=1, workers=1, progress=False)
     return root / "char"
+
+
+def fails_with(capsys, argv, message):
+    """train.py's main(argv) exits 2 with one 'error: ...' line that contains message."""
+    import train
+
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("error: ") and len(err.splitlines()) == 1, err
+    assert message in err, err

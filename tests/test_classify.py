@@ -14,7 +14,7 @@ from gpt import GPT, GPTConfig
 from gpt.checkpoint import load_checkpoint
 from gpt.model import GPTClassifier, pad_sequences
 
-from conftest import ROOT
+from conftest import ROOT, fails_with
 
 SMS = ROOT / "data" / "sms_spam" / "sms-spam.csv"
 TINY = ["--run.task=classify", "--model.n_layer=2", "--model.n_head=2", "--model.n_embd=32", "--model.block_size=48",
@@ -145,14 +145,6 @@ def test_fine_tuning_from_our_language_model_with_a_frozen_backbone(tmp_path, ch
 
 
 # ---- bad input: exit 2, one line -----------------------------------------------------------------
-
-
-def fails_with(capsys, argv, message):
-    with pytest.raises(SystemExit) as e:
-        train.main(argv)
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and err.startswith("error: ") and len(err.splitlines()) == 1, err
-    assert message in err, err
 
 
 def write(tmp_path, name, text):

@@ -15,7 +15,7 @@ import train
 from gpt.checkpoint import load_checkpoint, save_checkpoint
 from gpt.prepare import prepare
 
-from conftest import ROOT
+from conftest import ROOT, fails_with
 
 TINY = [
     "--model.n_layer=2", "--model.n_head=2", "--model.n_embd=32", "--model.block_size=32", "--model.vocab_multiple=1",
@@ -191,14 +191,6 @@ def test_wandb_offline_writes_a_run(data_dir, tmp_path, monkeypatch):
 
 
 # ---- errors a user can cause: exit 2 and one line ---------------------------------------------
-
-
-def fails_with(capsys, argv, message):
-    with pytest.raises(SystemExit) as e:
-        train.main(argv)
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and err.startswith("error: ") and len(err.splitlines()) == 1, err
-    assert message in err, err
 
 
 def test_resume_without_a_checkpoint(data_dir, tmp_path, capsys):
