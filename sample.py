@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from gpt.checkpoint import load_checkpoint
+from gpt.checkpoint import checkpoint_path, load_checkpoint
 from gpt.errors import UserError, exit_on_user_error
 from gpt.model import GPT, GPTConfig
 from gpt.sampling import check_settings, stream
@@ -33,10 +33,11 @@ def load(args) -> tuple[GPT, Tokenizer]:
     """The model and its tokenizer: our checkpoint, or a Hugging Face GPT-2 (GPT-2's BPE)."""
     if args.init_from:
         return GPT.from_pretrained(args.init_from), get_tokenizer("gpt2")
-    path = Path(args.ckpt)
-    if not path.is_absolute() and not path.exists():
-        path = Path(args.out_dir) / args.ckpt
+    path = checkpoint_path(args.out_dir, args.ckpt)
     ckpt = load_checkpoint(path)
+    if ckpt.get("task", "lm") != "lm":
+        raise UserError(f"{path} is a {ckpt['task']} checkpoint, not a language model: "
+                        f"use python -m gpt.classify --out_dir={args.out_dir}")
     model = GPT(GPTConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     return model, from_spec(ckpt["tokenizer"])
@@ -98,6 +99,10 @@ def main(argv: list[str] | None = None) -> None:
     check_settings(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.min_p,
                    args.repetition_penalty, args.penalty_alpha)
     live = sys.stdout.isatty() if args.stream is None else args.stream
+    deterministic = args.temperature == 0 or (args.penalty_alpha and args.top_k and args.top_k > 1)
+    if deterministic and args.num_samples > 1:
+        print("note: greedy and contrastive decoding give the same text every time: one sample", file=sys.stderr)
+        args.num_samples = 1
 
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)

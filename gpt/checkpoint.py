@@ -92,3 +92,8 @@ def find_checkpoint(out_dir: str | Path) -> Path:
     if not path.is_file():
         raise UserError(f"nothing to resume: {out_dir} has no {LATEST}; start with run.init_from = \"scratch\"")
     return path
+
+
+def checkpoint_path(out_dir: str | Path, ckpt: str) -> Path:
+    """A command line's --ckpt: a file name inside --out_dir, unless written as a path (a/b.pt)."""
+    return Path(ckpt) if Path(ckpt).parent != Path(".") else Path(out_dir) / ckpt

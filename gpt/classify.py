@@ -24,10 +24,11 @@ from pathlib import Path
 
 import torch
 
-from gpt.checkpoint import load_checkpoint
+from gpt.checkpoint import checkpoint_path, load_checkpoint
 from gpt.config import Config
 from gpt.dataset import ClassificationData, WindowSampler, read_labeled, stratified_split, to_device
 from gpt.errors import UserError, exit_on_user_error
+from gpt.hf import HUB_MODELS
 from gpt.model import GPT, GPTClassifier, GPTConfig
 from gpt.tokenizer import Tokenizer, from_spec, get_tokenizer
 
@@ -108,17 +109,18 @@ class Classification:
             backbone = check_architecture(backbone_from_checkpoint(lm, cfg), cfg, str(path))
             backbone.load_state_dict(lm["model"])
             self._note(f"backbone: the language model in {path} (iteration {lm['iter']})")
-        elif init == "scratch" or (c.scratch_if_missing and not _looks_like_hub_id(init)):
+        elif init in HUB_MODELS or (init != "scratch" and (Path(init).exists()
+                                                           or not (c.scratch_if_missing or _is_local_path(init)))):
+            self.tokenizer = get_tokenizer("gpt2")  # a Hugging Face GPT-2: a directory, or a hub id
+            backbone = pretrained_gpt2(cfg)
+        elif init == "scratch" or c.scratch_if_missing:
             if init != "scratch":
-                self._note(f"note: {init} holds no checkpoint: training from scratch (classify.scratch_if_missing)")
+                self._note(f"note: {init} does not exist: training from scratch (classify.scratch_if_missing)")
             self.tokenizer = get_tokenizer(c.tokenizer, text="".join(self.raw["train"][0]))
             backbone = GPT(dataclasses.replace(cfg.model, vocab_size=self.tokenizer.vocab_size))
-        elif Path(init).exists() or _looks_like_hub_id(init):  # a Hugging Face GPT-2
-            self.tokenizer = get_tokenizer("gpt2")
-            backbone = pretrained_gpt2(cfg)
         else:
-            raise UserError(f"run.init_from {init!r} is neither a run directory with a checkpoint, a .pt file, "
-                            f"a Hugging Face GPT-2 nor \"scratch\" (or set classify.scratch_if_missing = true)")
+            raise UserError(f"run.init_from {init!r} does not exist: name a run directory with a checkpoint, a .pt "
+                            f"file, a Hugging Face GPT-2 or \"scratch\" (or set classify.scratch_if_missing = true)")
         if "classify.tokenizer" in cfg.explicit and ckpt is None and c.tokenizer != self.tokenizer.name:
             raise UserError(f"classify.tokenizer = {c.tokenizer!r}, but the backbone uses the {self.tokenizer.name} "
                             f"tokenizer: remove classify.tokenizer or start from a {c.tokenizer} backbone")
@@ -204,10 +206,9 @@ class Classification:
         trainer._record({"iter": best["iter"], **metrics}, f"test (best checkpoint, iteration {best['iter']}): {line}")
 
 
-def _looks_like_hub_id(name: str) -> bool:
-    from gpt.hf import HUB_MODELS
-
-    return name in HUB_MODELS or (name.count("/") == 1 and not Path(name).exists() and not name.startswith((".", "/")))
+def _is_local_path(name: str) -> bool:
+    """Written like a file path (not like a hub id such as gpt2 or owner/name)."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith(".pt")
 
 
 # ---- prediction ------------------------------------------------------------------------------------
@@ -253,7 +254,9 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if not args.texts and not args.input:
         raise UserError("nothing to classify: give texts as arguments or --input=FILE")
-    path = Path(args.ckpt) if Path(args.ckpt).is_file() else Path(args.out_dir) / args.ckpt
+    if any(not t.strip() for t in args.texts):
+        raise UserError("an empty text cannot be classified: remove it")
+    path = checkpoint_path(args.out_dir, args.ckpt)
     device = pick_device(args.device)
     model, tok, ckpt = load_classifier(path, device)
     if args.texts:

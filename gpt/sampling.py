@@ -187,7 +187,7 @@ def _contrastive_choice(ctx: _Context, scores: torch.Tensor, k: int, alpha: floa
     cache; each is scored (1 - alpha) p(v) - alpha max_j cos(h_v, h_j) over the row's
     previous hidden states h_j (padding excluded); the winner's cache row is kept.
     """
-    B = scores.size(0)
+    B, k = scores.size(0), min(k, scores.size(-1))
     top_probs, top_ids = torch.topk(F.softmax(scores, dim=-1), k=k, dim=-1)  # (B, k)
     if ctx.cache.length == ctx.cache.capacity:
         ctx.slide()  # room for the candidates (the candidates themselves are already chosen)

@@ -264,7 +264,7 @@ class Trainer:
         self.out_dir = Path(cfg.run.out_dir)
         if self.device.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32 matmuls
-        self._prepare_out_dir(fresh=cfg.run.init_from != "resume")
+        self._prepare_out_dir()
 
         # the task's data and model: fresh, pretrained, or from our checkpoint (resume)
         if cfg.run.task == "classify":
@@ -284,6 +284,7 @@ class Trainer:
         self.optimizer = make_optimizer(self.raw_model, cfg.optim, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.iter, self.best, self.evals_since_best, self.wandb_id = 0, None, 0, None
+        self.resumed_before_eval = False
         torch.manual_seed(cfg.run.seed + self.procs.rank)  # dropout differs between processes
         if ckpt is not None:
             self._restore(ckpt)
@@ -298,15 +299,19 @@ class Trainer:
 
         self.metrics = self.out_dir / "metrics.jsonl"
         self.wandb = None
+        if ckpt is None:
+            self._clear_previous_run()
+        if ckpt is not None:  # the run's config keeps its original init_from (config.toml reproduces it)
+            self.cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, init_from=ckpt["config"]["run"]["init_from"]))
         if self.procs.is_main:
-            save_config(cfg, self.out_dir / "config.toml")
+            save_config(self.cfg, self.out_dir / "config.toml")
             self._trim_metrics()
             self._start_wandb()
         self.stop_requested, self.tokens_since_log = False, 0
 
     # ---- setup helpers -----------------------------------------------------------------------
 
-    def _prepare_out_dir(self, fresh: bool) -> None:
+    def _prepare_out_dir(self) -> None:
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             probe = self.out_dir / f".write-test-{os.getpid()}"
@@ -318,8 +323,12 @@ class Trainer:
             return
         for stale in self.out_dir.glob(".*.tmp-*"):  # from a run killed while writing
             stale.unlink(missing_ok=True)
+
+    def _clear_previous_run(self) -> None:
+        """A new run in a used out_dir: the old checkpoints would mix with the new ones. Called
+        once everything is set up, so a run that fails to start leaves them alone."""
         previous = [*self.out_dir.glob("ckpt*.pt"), *self.out_dir.glob("best.pt")]
-        if fresh and previous:  # a new run here: the old checkpoints would mix with the new ones
+        if self.procs.is_main and previous:
             for path in previous:
                 path.unlink()
             print(f"note: starting a new run in {self.out_dir}: removed the previous run's "
@@ -328,9 +337,13 @@ class Trainer:
     def _restore(self, ckpt: dict) -> None:
         self.raw_model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scaler.load_state_dict(ckpt["scaler"])
+        if ckpt["scaler"] and self.scaler.is_enabled():  # empty when written without fp16
+            self.scaler.load_state_dict(ckpt["scaler"])
         self.task.sampler.load_state_dict(ckpt["sampler"])
         self.iter, self.best, self.evals_since_best = ckpt["iter"], ckpt["best"], ckpt["evals_since_best"]
+        if ckpt.get("best_metric") != self.task.best_metric:  # chosen by another metric: start over
+            self.best, self.evals_since_best = None, 0
+        self.resumed_before_eval = ckpt.get("metrics") is None  # stopped by a signal, not at an evaluation
         self.wandb_id = ckpt.get("wandb_id")
         rngs = ckpt["rng"]
         if len(rngs) == self.procs.world_size:
@@ -385,14 +398,15 @@ class Trainer:
         t_last, iters_since_log, evaluated_at = time.perf_counter(), 0, None
         self.tokens_since_log = 0
         while self.iter < cfg.run.max_iters:
-            if self.iter % cfg.eval.eval_interval == 0 and self.iter != self.start_iter:
+            if self.iter % cfg.eval.eval_interval == 0 and (self.iter != self.start_iter or self.resumed_before_eval):
                 self.evaluate_and_save()
                 evaluated_at = self.iter
                 t_last, iters_since_log, self.tokens_since_log = time.perf_counter(), 0, 0  # not step time
-                if cfg.eval.early_stopping and self.evals_since_best >= cfg.eval.early_stopping:
-                    if self.procs.is_main:
-                        print(f"early stopping: no better {self.task.best_metric} in {self.evals_since_best} evaluations")
-                    break
+            if cfg.eval.early_stopping and self.evals_since_best >= cfg.eval.early_stopping:
+                if self.procs.is_main:
+                    print(f"early stopping: no better {self.task.best_metric} in {self.evals_since_best} evaluations")
+                evaluated_at = self.iter if evaluated_at is None else evaluated_at
+                break
             lr = lr_at(self.iter, cfg.optim, cfg.run.max_iters)
             loss, grad_norm, stop = self.step(lr)
             self.iter += 1
@@ -503,6 +517,7 @@ class Trainer:
             "model_config": dataclasses.asdict(self.raw_model.config),
             **self.task.checkpoint_extras(),
             "best": self.best,
+            "best_metric": self.task.best_metric,
             "evals_since_best": self.evals_since_best,
             "metrics": metrics,
             "wandb_id": self.wandb_id,

@@ -108,6 +108,17 @@ def test_label_map_round_trips_through_checkpoint_and_gpt_classify(tmp_path):
     preds = [json.loads(line) for line in (tmp_path / "pred.jsonl").read_text().splitlines()]
     assert len(preds) == len(rows) and {p["label"] for p in preds} <= {"negative", "positive"}
     assert sum(p["label"] == r["sentiment"] for p, r in zip(preds, rows)) / len(rows) > 0.9
+    lm_only = subprocess.run([sys.executable, "sample.py", f"--out_dir={out}"], capture_output=True, text=True, cwd=ROOT)
+    assert lm_only.returncode == 2 and "is a classify checkpoint, not a language model" in lm_only.stderr
+
+
+def test_a_missing_backbone_falls_back_to_scratch_only_when_asked(tmp_path, capsys):
+    data = sms_slice(tmp_path, 100)
+    missing = tmp_path / "no_such_run"
+    train.main(args(data, tmp_path / "o", "--max_iters=2", f"--run.init_from={missing}",
+                    "--classify.scratch_if_missing=true"))
+    assert f"note: {missing} does not exist: training from scratch" in capsys.readouterr().out
+    fails_with(capsys, args(data, tmp_path / "o2", f"--run.init_from={missing}"), f"run.init_from '{missing}' does not exist")
 
 
 def test_exact_resume_for_classification(tmp_path):

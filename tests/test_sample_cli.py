@@ -47,9 +47,8 @@ def test_streaming_and_batch_agree_and_stop_strings_cut(run_dir):
     cut = sample(*common, f"--stop={stop}", "--stream").stdout
     assert cut == "ROMEO:" + generated[: generated.find(stop)] + "\n"
     greedy = sample(f"--out_dir={run_dir}", "--prompt=ROMEO:", "--num_samples=2", "--temperature=0",
-                    "--max_new_tokens=20", "--no-stream").stdout
-    first, second = greedy.split("-" * 40)
-    assert first.strip() == second.strip()
+                    "--max_new_tokens=20", "--no-stream")
+    assert "-" * 40 not in greedy.stdout and "same text every time: one sample" in greedy.stderr
 
 
 def test_empty_prompt_starts_from_end_of_text(run_dir):

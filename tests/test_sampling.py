@@ -168,6 +168,13 @@ def test_context_slides_past_block_size(settings):
     assert out == tokens
 
 
+def test_contrastive_top_k_larger_than_the_vocabulary():
+    torch.manual_seed(1)
+    model = GPT(GPTConfig(block_size=16, vocab_size=11, n_layer=1, n_head=2, n_embd=16)).eval()
+    out = generate(model, torch.tensor([[1, 2, 3]]), 5, penalty_alpha=0.5, top_k=20)
+    assert out.shape == (1, 8) and int(out.max()) < 11
+
+
 def test_rows_stop_at_eos(models):
     _, ours = models
     free = generate(ours, torch.tensor([PROMPTS[1]]), 10, temperature=0)[0].tolist()
