@@ -13,34 +13,29 @@ end-of-text token, or at any --stop string.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
-from gpt.checkpoint import checkpoint_path, load_checkpoint
+from gpt.checkpoint import checkpoint_path, load_model
 from gpt.errors import UserError, exit_on_user_error
-from gpt.model import GPT, GPTConfig
-from gpt.sampling import check_settings, stream
-from gpt.tokenizer import EOT_TEXT, Tokenizer, from_spec, get_tokenizer
-from gpt.trainer import pick_device, pick_dtype
+from gpt.hf import from_pretrained
+from gpt.model import GPT
+from gpt.sampling import SamplingConfig, stream
+from gpt.system import autocast, pick_device, pick_dtype
+from gpt.tokenizer import EOT_TEXT, Tokenizer, get_tokenizer
 
 SEPARATOR = "\n" + "-" * 40
 
 
-def load(args) -> tuple[GPT, Tokenizer]:
+def load(args, device) -> tuple[GPT, Tokenizer]:
     """The model and its tokenizer: our checkpoint, or a Hugging Face GPT-2 (GPT-2's BPE)."""
     if args.init_from:
-        return GPT.from_pretrained(args.init_from), get_tokenizer("gpt2")
-    path = checkpoint_path(args.out_dir, args.ckpt)
-    ckpt = load_checkpoint(path)
-    if ckpt.get("task", "lm") != "lm":
-        raise UserError(f"{path} is a {ckpt['task']} checkpoint, not a language model: "
-                        f"use python -m gpt.classify --out_dir={args.out_dir}")
-    model = GPT(GPTConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
-    return model, from_spec(ckpt["tokenizer"])
+        return from_pretrained(args.init_from).to(device).eval(), get_tokenizer("gpt2")
+    model, tokenizer, _ = load_model(checkpoint_path(args.out_dir, args.ckpt), task="lm", device=device)
+    return model, tokenizer
 
 
 def text_so_far(tok: Tokenizer, tokens: list[int], stops: list[str]) -> tuple[str, bool]:
@@ -80,13 +75,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prompt_file", default=None, help="read the prompt from this file")
     p.add_argument("--num_samples", type=int, default=3)
     p.add_argument("--max_new_tokens", type=int, default=500)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
-    p.add_argument("--top_k", type=int, default=None, help="keep the k likeliest tokens (default: all); with "
-                   "--penalty_alpha, the number of candidates of contrastive search")
-    p.add_argument("--top_p", type=float, default=None, help="nucleus sampling threshold, in (0, 1]")
-    p.add_argument("--min_p", type=float, default=None, help="keep tokens with at least min_p x the top probability")
-    p.add_argument("--repetition_penalty", type=float, default=1.0, help="> 1 discourages repeats (default 1 = off)")
-    p.add_argument("--penalty_alpha", type=float, default=None, help="contrastive search degeneration penalty, in [0, 1]")
+    for f in dataclasses.fields(SamplingConfig):  # --temperature, --top_k, ...: declared once, there
+        p.add_argument(f"--{f.name}", type=f.metadata["type"], default=f.default, help=f.metadata["help"])
+    p.set_defaults(temperature=0.8)  # livelier than the library's 1.0 default for reading samples
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -96,32 +87,28 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.num_samples < 1:
         raise UserError(f"--num_samples must be at least 1, got {args.num_samples}")
-    check_settings(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.min_p,
-                   args.repetition_penalty, args.penalty_alpha)
+    if args.max_new_tokens < 1:
+        raise UserError(f"max_new_tokens must be at least 1, got {args.max_new_tokens}")
+    sampling = SamplingConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingConfig)})
     live = sys.stdout.isatty() if args.stream is None else args.stream
-    deterministic = args.temperature == 0 or (args.penalty_alpha and args.top_k and args.top_k > 1)
-    if deterministic and args.num_samples > 1:
+    if not sampling.sample and args.num_samples > 1:
         print("note: greedy and contrastive decoding give the same text every time: one sample", file=sys.stderr)
         args.num_samples = 1
 
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
-    model, tok = load(args)
-    model.to(device).eval()
+    model, tok = load(args, device)
     idx = torch.tensor([prompt_ids(args, tok)], device=device)
     prompt_text = "" if idx[0, 0] == tok.eot_token and idx.size(1) == 1 else tok.decode(idx[0].tolist())
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    settings = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                    repetition_penalty=args.repetition_penalty, penalty_alpha=args.penalty_alpha,
-                    eos_token_id=tok.eot_token, generator=generator)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    settings = dict(eos_token_id=tok.eot_token, generator=generator)
 
-    with autocast:
+    with autocast(device, dtype):
         if live:  # one sample after another, each printed as it grows
             for i in range(args.num_samples):
                 print(prompt_text, end="", flush=True)
                 tokens, shown = [], ""
-                for step in stream(model, idx, args.max_new_tokens, **settings):
+                for step in stream(model, idx, args.max_new_tokens, sampling, **settings):
                     tokens.append(int(step[0]))
                     text, done = text_so_far(tok, tokens, args.stop)
                     text = text if done else text[: printable(text, args.stop)]
@@ -132,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(SEPARATOR if i < args.num_samples - 1 else "", flush=True)
         else:  # all samples in one batch: one prefill, rows repeated
             rows = [[] for _ in range(args.num_samples)]
-            for step in stream(model, idx, args.max_new_tokens, num_samples=args.num_samples, **settings):
+            for step in stream(model, idx, args.max_new_tokens, sampling, num_samples=args.num_samples, **settings):
                 for row, token in zip(rows, step.tolist()):
                     row.append(token)
                 if all(text_so_far(tok, row, args.stop)[1] for row in rows):

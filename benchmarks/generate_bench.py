@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gpt import GPT  # noqa: E402
+from gpt.hf import from_pretrained  # noqa: E402
 from gpt.sampling import generate  # noqa: E402
 
 METHODS = {
@@ -60,7 +60,7 @@ def main():
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config()).eval().to(device)  # 124M shape
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(tmp)
-        ours = GPT.from_pretrained(tmp).eval().to(device)
+        ours = from_pretrained(tmp).eval().to(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     for batch in (1, 8):
         prompt = torch.randint(0, 50257, (batch, 32), generator=torch.Generator().manual_seed(batch)).to(device)

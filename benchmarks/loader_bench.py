@@ -21,7 +21,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from gpt.dataset import TokenDataset, WindowSampler, to_device  # noqa: E402
+from gpt.dataset import TokenDataset, WindowSampler  # noqa: E402
+from gpt.system import to_device  # noqa: E402
 from gpt.prepare import ensure_prepared  # noqa: E402
 
 

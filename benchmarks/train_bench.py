@@ -66,12 +66,12 @@ def main():
         tokens_per_step = trainer.tokens_since_log
         seconds = statistics.median(times)
         tokens_per_sec = tokens_per_step / seconds
-        mfu = trainer.raw_model.estimate_mfu(tokens_per_sec / trainer.procs.world_size, device)
+        mfu = trainer.model.estimate_mfu(tokens_per_sec / trainer.procs.world_size, device)
         print(json.dumps({
             "bench": "train_step", "config": args.config, "overrides": overrides,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
-            "dtype": str(trainer.dtype).removeprefix("torch."), "compile": trainer.model is not trainer.raw_model,
-            "params_m": round(trainer.raw_model.num_params() / 1e6, 2), "tokens_per_step": tokens_per_step,
+            "dtype": str(trainer.dtype).removeprefix("torch."), "compile": trainer.compiled is not trainer.model,
+            "params_m": round(trainer.model.num_params() / 1e6, 2), "tokens_per_step": tokens_per_step,
             "ms_per_iter_median": round(seconds * 1e3, 2), "tokens_per_sec": round(tokens_per_sec),
             "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
             "mfu": None if mfu is None else round(mfu, 4), "last_loss": round(loss, 4),

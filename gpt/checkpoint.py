@@ -1,19 +1,28 @@
-"""Checkpoints: written atomically, loaded safely, rotated.
+"""Checkpoints: the layout, written atomically, loaded safely, rotated, turned back into models.
+
+    model, tokenizer, ckpt = load_model("out/shakespeare_char/ckpt.pt")          # a language model
+    model, tokenizer, ckpt = load_model("out/sms_spam/best.pt", task="classify")  # a classifier
 
 A checkpoint is one torch.save'd dict of tensors and plain Python values (no
-pickled classes), so it loads with torch.load(..., weights_only=True):
+pickled classes), so it loads with torch.load(..., weights_only=True). Format 1:
 
-    model, optimizer, scaler     state_dicts (the model's without torch.compile's _orig_mod.)
-    iter                          optimiser steps completed
-    sampler                       the data sampler's state (a few integers)
-    rng                           python, numpy, torch and CUDA generator states
-    config, model_config          the resolved run config and the GPTConfig, as dicts
-    tokenizer                     the tokenizer spec (gpt.tokenizer.from_spec rebuilds it)
-    best_val_loss
+    format_version     1 (a newer number is refused with a clear error)
+    task               "lm" or "classify": which network `model` holds
+    model              the network's state_dict (without torch.compile's _orig_mod.)
+    model_config       the GPTConfig, as a dict
+    tokenizer          the tokenizer spec (gpt.tokenizer.from_spec rebuilds it)
+    config             the run's resolved configuration, as {section: {key: value}}
+    optimizer, scaler  state_dicts (scaler: empty unless fp16)
+    sampler            the training data sampler's state (a few integers)
+    rng                every process's random generator states (python, numpy, torch, CUDA)
+    iter, best, best_metric, evals_since_best, wandb_id
+                       the loop's state (gpt.trainer.TrainState)
+    metrics            the evaluation made at this iteration, or None (saved on a signal)
+    labels, classify   task "classify" only: the label names in head order, the [classify] settings
 
 In out_dir: ckpt-0001000.pt for each save (the last `keep_last` are kept),
-ckpt.pt the latest and best.pt the one with the lowest validation loss (both
-hard links, so no data is written twice). A file appears complete or not at all.
+ckpt.pt the latest and best.pt the best by the task's metric (both hard links,
+so no data is written twice). A file appears complete or not at all.
 """
 
 from __future__ import annotations
@@ -25,11 +34,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 from gpt.atomic import atomic_path
 from gpt.errors import UserError
+from gpt.model import GPT, GPTClassifier, GPTConfig
+from gpt.tokenizer import Tokenizer, from_spec
 
+FORMAT_VERSION = 1
 LATEST, BEST = "ckpt.pt", "best.pt"
+
+
+# ---- random generators --------------------------------------------------------------------------
 
 
 def rng_state() -> dict:
@@ -53,6 +69,9 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
+# ---- writing ------------------------------------------------------------------------------------
+
+
 def _link(src: Path, dst: Path) -> None:
     """dst becomes src's file (a hard link where the file system allows, else a copy), atomically."""
     with atomic_path(dst) as tmp:
@@ -67,7 +86,7 @@ def save_checkpoint(state: dict, out_dir: str | Path, *, keep_last: int, is_best
     out_dir = Path(out_dir)
     path = out_dir / f"ckpt-{state['iter']:07d}.pt"
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        torch.save({"format_version": FORMAT_VERSION, **state}, tmp)
     _link(path, out_dir / LATEST)
     if is_best:
         _link(path, out_dir / BEST)
@@ -76,18 +95,30 @@ def save_checkpoint(state: dict, out_dir: str | Path, *, keep_last: int, is_best
     return path
 
 
+# ---- reading ------------------------------------------------------------------------------------
+
+
 def load_checkpoint(path: str | Path) -> dict:
     """A checkpoint's dict, tensors on the CPU. Only tensors and plain values are unpickled."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}: train first, or point to a directory that has {LATEST}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, not a checkpoint, or holding objects we refuse to unpickle
         raise UserError(f"cannot load checkpoint {path} ({type(e).__name__}): the file is damaged or not ours") from None
+    version = ckpt.get("format_version") if isinstance(ckpt, dict) else None
+    if version != FORMAT_VERSION:
+        if isinstance(version, int) and version > FORMAT_VERSION:
+            raise UserError(f"{path} has checkpoint format {version}, newer than this code's {FORMAT_VERSION}: "
+                            f"upgrade gpt to read it")
+        raise UserError(f"{path} is not a checkpoint of ours (format version {version!r}, expected "
+                        f"{FORMAT_VERSION}): point to a file written by train.py")
+    return ckpt
 
 
 def find_checkpoint(out_dir: str | Path) -> Path:
+    """The latest checkpoint of a run directory (for resuming)."""
     path = Path(out_dir) / LATEST
     if not path.is_file():
         raise UserError(f"nothing to resume: {out_dir} has no {LATEST}; start with run.init_from = \"scratch\"")
@@ -97,3 +128,42 @@ def find_checkpoint(out_dir: str | Path) -> Path:
 def checkpoint_path(out_dir: str | Path, ckpt: str) -> Path:
     """A command line's --ckpt: a file name inside --out_dir, unless written as a path (a/b.pt)."""
     return Path(ckpt) if Path(ckpt).parent != Path(".") else Path(out_dir) / ckpt
+
+
+KINDS = {"lm": ("a language model", "python sample.py or python -m gpt.evaluate"),
+         "classify": ("a classifier", "python -m gpt.classify")}
+
+
+def check_task(ckpt: dict, path: str | Path, task: str) -> None:
+    """Refuse a checkpoint of another task, saying which command reads it."""
+    found = ckpt.get("task", "lm")
+    if found != task:
+        what, reader = KINDS.get(found, (f"a {found} model", "the command of that task"))
+        raise UserError(f"{path} is a {found} checkpoint, not {KINDS[task][0]}: it is {what}, for {reader}")
+
+
+def gpt_from_checkpoint(ckpt: dict, dropout: float | None = None) -> GPT:
+    """A GPT of a checkpoint's architecture (for a classifier: its backbone), weights not
+    loaded; dropout, if given, replaces the checkpoint's."""
+    config = GPTConfig(**ckpt["model_config"])
+    if dropout is not None:
+        config.dropout = dropout
+    return GPT(config)
+
+
+def network_from_checkpoint(ckpt: dict) -> nn.Module:
+    """The network a checkpoint's weights belong to (weights not loaded): a GPT, or for task
+    "classify" a GPTClassifier around one."""
+    backbone = gpt_from_checkpoint(ckpt)
+    if ckpt.get("task", "lm") == "classify":
+        return GPTClassifier(backbone, len(ckpt["labels"]))
+    return backbone
+
+
+def load_model(path: str | Path, task: str = "lm", device=None) -> tuple[nn.Module, Tokenizer, dict]:
+    """(model in eval mode, its tokenizer, the checkpoint dict) from a checkpoint file of `task`."""
+    ckpt = load_checkpoint(path)
+    check_task(ckpt, path, task)
+    model = network_from_checkpoint(ckpt)
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), from_spec(ckpt["tokenizer"]), ckpt

@@ -2,11 +2,14 @@
 
     cfg = load_config("configs/shakespeare_char.toml", ["--optim.lr=1e-3", "--max_iters=100"])
     cfg.optim.lr, cfg.run.out_dir, cfg.model.n_layer     # cfg.model is a gpt.GPTConfig
+    cfg.classify.train_file                              # a task's own section
+    cfg.is_set("model.block_size")                       # set by the file or the command line?
     save_config(cfg, "out/shakespeare_char/config.toml")
 
 A config file has one table per section: [run] [data] [model] [batch] [optim]
-[eval] [log] [system], and [classify] for fine-tuning on labelled text. Every key is optional; the defaults are below. An
-override is --section.key=value, or --key=value when no other section has that
+[eval] [log] [system], and one per task that has settings of its own, such as
+[classify] (defined beside the task, in gpt/tasks/classify.py). Every key is
+optional; the defaults are below and in the task files. An override is --section.key=value, or --key=value when no other section has that
 key. Its value is read as TOML (1e-3, true, "text"), else taken as a string.
 
 Errors name the key: an unknown key suggests the closest valid one, a value of
@@ -26,21 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gpt.atomic import atomic_path
-from gpt.errors import UserError
+from gpt.errors import UserError, require
 from gpt.model import GPTConfig
+from gpt.tasks import TASKS
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
-
-
-def _require(ok: bool, key: str, expected: str, value) -> None:
-    if not ok:
-        raise UserError(f"{key} must be {expected}, got {value!r}")
-
-
-TASKS = ("lm", "classify")
 
 
 @dataclass
@@ -53,10 +49,10 @@ class RunConfig:
     keep_last: int = 2  # checkpoints kept besides the best one
 
     def __post_init__(self):
-        _require(self.task in TASKS, "task", f"one of {', '.join(TASKS)}", self.task)
-        _require(self.max_iters >= 0, "max_iters", "a non-negative integer", self.max_iters)
-        _require(self.keep_last >= 1, "keep_last", "at least 1", self.keep_last)
-        _require(bool(self.out_dir), "out_dir", "a directory", self.out_dir)
+        require(self.task in TASKS, "task", f"one of {', '.join(TASKS)} (gpt/tasks)", self.task)
+        require(self.max_iters >= 0, "max_iters", "a non-negative integer", self.max_iters)
+        require(self.keep_last >= 1, "keep_last", "at least 1", self.keep_last)
+        require(bool(self.out_dir), "out_dir", "a directory", self.out_dir)
 
 
 @dataclass
@@ -68,36 +64,7 @@ class DataConfig:
     val_fraction: float = 0.1  # for that first-use preparation
 
     def __post_init__(self):
-        _require(0 <= self.val_fraction < 1, "val_fraction", "in [0, 1)", self.val_fraction)
-
-
-BEST_METRICS = ("val_loss", "accuracy", "macro_f1")
-
-
-@dataclass
-class ClassifyConfig:
-    """Fine-tuning on labelled text (run.task = "classify")."""
-
-    train_file: str = ""  # CSV, TSV or JSON Lines with a text and a label column
-    val_file: str = ""  # "": a stratified split of train_file (val_fraction)
-    test_file: str = ""  # optional: evaluated with the best checkpoint at the end
-    val_fraction: float = 0.1
-    text_column: str = "text"
-    label_column: str = "label"
-    truncate: str = "head"  # texts longer than block_size keep their "head" or their "tail"
-    tokenizer: str = "gpt2"  # from scratch only; a pretrained backbone brings its own
-    scratch_if_missing: bool = False  # run.init_from names a checkpoint that does not exist: train from scratch
-    freeze_backbone: bool = False  # train the head only
-    head_dropout: float = 0.1
-    lm_loss_weight: float = 0.0  # auxiliary language-modelling loss (GPT-1 used 0.5)
-    best_metric: str = "macro_f1"  # val_loss | accuracy | macro_f1: chooses best.pt
-
-    def __post_init__(self):
-        _require(0 <= self.val_fraction < 1, "val_fraction", "in [0, 1)", self.val_fraction)
-        _require(self.truncate in ("head", "tail"), "truncate", '"head" or "tail"', self.truncate)
-        _require(0 <= self.head_dropout < 1, "head_dropout", "in [0, 1)", self.head_dropout)
-        _require(self.lm_loss_weight >= 0, "lm_loss_weight", "non-negative", self.lm_loss_weight)
-        _require(self.best_metric in BEST_METRICS, "best_metric", f"one of {', '.join(BEST_METRICS)}", self.best_metric)
+        require(0 <= self.val_fraction < 1, "val_fraction", "in [0, 1)", self.val_fraction)
 
 
 @dataclass
@@ -109,9 +76,9 @@ class BatchConfig:
     tokens_per_step: int = 0
 
     def __post_init__(self):
-        _require(self.batch_size >= 1, "batch_size", "a positive integer", self.batch_size)
-        _require(self.grad_accum >= 1, "grad_accum", "a positive integer", self.grad_accum)
-        _require(self.tokens_per_step >= 0, "tokens_per_step", "0 or a positive integer", self.tokens_per_step)
+        require(self.batch_size >= 1, "batch_size", "a positive integer", self.batch_size)
+        require(self.grad_accum >= 1, "grad_accum", "a positive integer", self.grad_accum)
+        require(self.tokens_per_step >= 0, "tokens_per_step", "0 or a positive integer", self.tokens_per_step)
 
 
 SCHEDULES = ("cosine", "constant", "wsd")
@@ -132,15 +99,15 @@ class OptimConfig:
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = off
 
     def __post_init__(self):
-        _require(self.lr > 0, "lr", "positive", self.lr)
-        _require(0 <= self.min_lr <= self.lr, "min_lr", f"in [0, lr = {self.lr}]", self.min_lr)
-        _require(self.schedule in SCHEDULES, "schedule", f"one of {', '.join(SCHEDULES)}", self.schedule)
-        _require(self.warmup_iters >= 0, "warmup_iters", "a non-negative integer", self.warmup_iters)
-        _require(self.decay_iters >= 0, "decay_iters", "a non-negative integer", self.decay_iters)
-        _require(self.weight_decay >= 0, "weight_decay", "non-negative", self.weight_decay)
-        _require(0 <= self.beta1 < 1, "beta1", "in [0, 1)", self.beta1)
-        _require(0 <= self.beta2 < 1, "beta2", "in [0, 1)", self.beta2)
-        _require(self.grad_clip >= 0, "grad_clip", "non-negative (0 = off)", self.grad_clip)
+        require(self.lr > 0, "lr", "positive", self.lr)
+        require(0 <= self.min_lr <= self.lr, "min_lr", f"in [0, lr = {self.lr}]", self.min_lr)
+        require(self.schedule in SCHEDULES, "schedule", f"one of {', '.join(SCHEDULES)}", self.schedule)
+        require(self.warmup_iters >= 0, "warmup_iters", "a non-negative integer", self.warmup_iters)
+        require(self.decay_iters >= 0, "decay_iters", "a non-negative integer", self.decay_iters)
+        require(self.weight_decay >= 0, "weight_decay", "non-negative", self.weight_decay)
+        require(0 <= self.beta1 < 1, "beta1", "in [0, 1)", self.beta1)
+        require(0 <= self.beta2 < 1, "beta2", "in [0, 1)", self.beta2)
+        require(self.grad_clip >= 0, "grad_clip", "non-negative (0 = off)", self.grad_clip)
 
 
 @dataclass
@@ -150,9 +117,9 @@ class EvalConfig:
     early_stopping: int = 0  # stop after this many evaluations without a better best (0 = off)
 
     def __post_init__(self):
-        _require(self.eval_interval >= 1, "eval_interval", "a positive integer", self.eval_interval)
-        _require(self.eval_iters >= 1, "eval_iters", "a positive integer", self.eval_iters)
-        _require(self.early_stopping >= 0, "early_stopping", "a non-negative integer", self.early_stopping)
+        require(self.eval_interval >= 1, "eval_interval", "a positive integer", self.eval_interval)
+        require(self.eval_iters >= 1, "eval_iters", "a positive integer", self.eval_iters)
+        require(self.early_stopping >= 0, "early_stopping", "a non-negative integer", self.early_stopping)
 
 
 @dataclass
@@ -164,7 +131,7 @@ class LogConfig:
     plot: bool = True  # write out_dir/loss.png at the end (needs matplotlib)
 
     def __post_init__(self):
-        _require(self.log_interval >= 1, "log_interval", "a positive integer", self.log_interval)
+        require(self.log_interval >= 1, "log_interval", "a positive integer", self.log_interval)
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -177,8 +144,12 @@ class SystemConfig:
     compile: bool | str = "auto"  # torch.compile the model: true | false | "auto" (on CUDA)
 
     def __post_init__(self):
-        _require(self.dtype in DTYPES, "dtype", f"one of {', '.join(DTYPES)}", self.dtype)
-        _require(self.compile in (True, False, "auto"), "compile", 'true, false or "auto"', self.compile)
+        require(self.dtype in DTYPES, "dtype", f"one of {', '.join(DTYPES)}", self.dtype)
+        require(self.compile in (True, False, "auto"), "compile", 'true, false or "auto"', self.compile)
+
+
+# Each task's own section ([classify], ...), from the task registry (gpt/tasks/__init__.py).
+TASK_SECTIONS = {name: task.Settings for name, task in TASKS.items() if task.Settings is not None}
 
 
 @dataclass
@@ -191,15 +162,31 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
     system: SystemConfig = field(default_factory=SystemConfig)
-    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
-    # dotted keys that the file or the command line set (the rest are defaults)
+    # the task sections, by name; read them as attributes: cfg.classify
+    tasks: dict = field(default_factory=lambda: {name: cls() for name, cls in TASK_SECTIONS.items()})
+    # dotted keys that the file or the command line set (the rest are defaults): use is_set()
     explicit: frozenset = field(default_factory=frozenset, compare=False, repr=False)
+
+    def __getattr__(self, name: str):
+        tasks = self.__dict__.get("tasks", {})
+        if name in tasks:
+            return tasks[name]
+        raise AttributeError(f"Config has no section {name!r}")
+
+    def is_set(self, key: str) -> bool:
+        """Whether the config file or the command line set this dotted key (else it is a default)."""
+        return key in self.explicit
+
+    def set_keys(self, section: str) -> set[str]:
+        """The keys of one section that were set explicitly (without the section name)."""
+        return {k.split(".", 1)[1] for k in self.explicit if k.split(".", 1)[0] == section}
 
     def to_dict(self) -> dict:
         return {s: dataclasses.asdict(getattr(self, s)) for s in SECTIONS}
 
 
-SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Config) if f.name != "explicit"}
+SECTIONS = {**{f.name: f.default_factory for f in dataclasses.fields(Config) if f.name not in ("tasks", "explicit")},
+            **TASK_SECTIONS}
 
 
 def _fields(section: str) -> dict[str, type]:
@@ -285,7 +272,8 @@ def config_from_dict(values: dict[str, object]) -> Config:
             sections[section] = SECTIONS[section](**kwargs)
         except UserError as e:
             raise UserError(f"{section}.{e}") from None
-    return Config(**sections, explicit=frozenset(values))
+    tasks = {name: sections.pop(name) for name in TASK_SECTIONS}
+    return Config(**sections, tasks=tasks, explicit=frozenset(values))
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:

@@ -3,7 +3,7 @@
     train = TokenDataset("data/shakespeare/char", "train")
     train.check(block_size=256, vocab_size=model.config.vocab_size)
     sampler = WindowSampler(train.num_windows(256), batch_size=64, seed=1337, rank=0, world_size=1)
-    x, y = to_device(train.batch(sampler.next_indices(), 256), device)   # (64, 256) int64 each
+    x, y = train.batch(sampler.next_indices(), 256)   # (64, 256) int64 each (gpt.system.to_device moves them)
 
 The data is cut into non-overlapping windows of block_size + 1 tokens: x is a
 window's first block_size tokens, y the same shifted by one. The token file is
@@ -24,7 +24,6 @@ import numpy as np
 import torch
 
 from gpt.errors import UserError
-from gpt.model import pad_sequences
 
 FORMAT_VERSION = 1
 DTYPES = ("uint16", "uint32")
@@ -161,113 +160,3 @@ def eval_indices(num_windows: int, batch_size: int, n_batches: int, *, rank: int
     spread = np.linspace(0, num_windows - 1, total).round().astype(np.int64)
     mine = spread[rank::world_size]
     return [mine[i * batch_size : (i + 1) * batch_size] for i in range(n_batches)]
-
-
-def to_device(batch: tuple[torch.Tensor, ...], device: torch.device | str) -> tuple[torch.Tensor, ...]:
-    """Tensors to the device; on CUDA through pinned memory, without waiting for the copy."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return tuple(t.pin_memory().to(device, non_blocking=True) for t in batch)
-    return tuple(t.to(device) for t in batch)
-
-
-# ---- labelled text for classification -------------------------------------------------------------
-
-
-def read_labeled(path: str | Path, text_column: str, label_column: str | None) -> tuple[list[str], list, int]:
-    """(texts, labels, skipped) from a CSV, TSV or JSON Lines file with a header / keys.
-
-    Labels are kept as strings ("1" and 1 are the same label); label_column None reads
-    texts only (labels are then None). Rows whose text is empty are skipped and counted.
-    Errors name the file and line.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"labelled data file {path} does not exist: check classify.train_file / val_file / test_file")
-    rows = _jsonl_rows(path) if ".jsonl" in path.suffixes else _csv_rows(path)
-    texts, labels, skipped = [], [], 0
-    for where, row in rows:
-        missing = [c for c in (text_column, label_column) if c is not None and c not in row]
-        if missing:
-            raise UserError(f"{where}: no column {missing[0]!r} (columns found: {', '.join(map(str, row))}): "
-                            f"name the right text and label columns")
-        text = row[text_column]
-        if text is None or not str(text).strip():
-            skipped += 1
-            continue
-        label = None if label_column is None else row[label_column]
-        if label_column is not None and (label is None or str(label).strip() == ""):
-            raise UserError(f"{where}: the label is empty: every row needs a label")
-        texts.append(str(text))
-        labels.append(None if label is None else str(label).strip())
-    if not texts:
-        raise UserError(f"{path} holds no rows with text")
-    return texts, labels, skipped
-
-
-def _csv_rows(path: Path):
-    import csv
-
-    delimiter = "\t" if path.suffix in (".tsv", ".tab") else ","
-    with open(path, newline="", encoding="utf-8", errors="replace") as f:
-        reader = csv.reader(f, delimiter=delimiter)
-        header = next(reader, None)
-        if not header:
-            raise UserError(f"{path} is empty: it needs a header row naming its columns")
-        for row in reader:
-            where = f"{path}:{reader.line_num}"
-            if not row:
-                continue
-            if len(row) != len(header):
-                raise UserError(f"{where}: {len(row)} fields where the header has {len(header)}: "
-                                f"fix the line (quote fields that contain the delimiter)")
-            yield where, dict(zip(header, row))
-
-
-def _jsonl_rows(path: Path):
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{where}: not valid JSON ({e.msg}): fix or remove the line") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{where}: a JSON {type(row).__name__}, not an object with named fields")
-            yield where, row
-
-
-def stratified_split(labels: list[str], fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Row indices (train, val): `fraction` of each label's rows, chosen from `seed`, go to val."""
-    rng = np.random.default_rng(seed)
-    train, val = [], []
-    for label in sorted(set(labels)):
-        rows = [i for i, lab in enumerate(labels) if lab == label]
-        rng.shuffle(rows)
-        n_val = int(round(len(rows) * fraction))
-        if 0 < fraction and n_val == 0 and len(rows) > 1:
-            n_val = 1
-        val += rows[:n_val]
-        train += rows[n_val:]
-    return sorted(train), sorted(val)
-
-
-class ClassificationData:
-    """Tokenised texts and label ids; batches padded to their longest text."""
-
-    def __init__(self, texts: list[str], label_ids: list[int], tokenizer, block_size: int, truncate: str = "head"):
-        self.tokens = []
-        for text in texts:
-            ids = tokenizer.encode(text)
-            self.tokens.append(ids[:block_size] if truncate == "head" else ids[-block_size:])
-        self.labels = torch.tensor(label_ids, dtype=torch.long)
-
-    def __len__(self) -> int:
-        return len(self.tokens)
-
-    def batch(self, indices, pad_id: int = 0, left: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(idx, attention_mask, labels) for rows `indices`: (B, longest) ids, 1/0 mask, (B,) labels."""
-        idx, mask = pad_sequences([self.tokens[i] for i in indices], pad_id, left=left)
-        return idx, mask, self.labels[torch.as_tensor(indices, dtype=torch.long)]

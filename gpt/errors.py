@@ -20,6 +20,12 @@ class UserError(ValueError):
     """A problem with the user's input (config, file, argument), not with the code."""
 
 
+def require(ok: bool, key: str, expected: str, value) -> None:
+    """Raise "KEY must be EXPECTED, got VALUE" unless ok (for checking settings)."""
+    if not ok:
+        raise UserError(f"{key} must be {expected}, got {value!r}")
+
+
 def exit_on_user_error(main: F) -> F:
     """Decorate a CLI main(): a UserError becomes 'error: <message>' and exit status 2."""
 

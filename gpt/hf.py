@@ -1,8 +1,12 @@
 """GPT-2 weights in from, and out to, the Hugging Face format.
 
-    model = GPT.from_pretrained("gpt2")          # hub id: needs the network
-    model = GPT.from_pretrained("path/to/dir")   # config.json + model.safetensors or pytorch_model.bin
-    model.save_pretrained("out/hf")              # transformers.GPT2LMHeadModel.from_pretrained loads it
+    from gpt.hf import from_pretrained, save_pretrained
+    model = from_pretrained("gpt2")              # hub id: needs the network
+    model = from_pretrained("path/to/dir")       # config.json + model.safetensors or pytorch_model.bin
+    save_pretrained(model, "out/hf")             # transformers.GPT2LMHeadModel.from_pretrained loads it
+
+These are functions here, not methods of GPT, so that gpt/model.py stays the
+network alone (it imports nothing of this module; this module builds on it).
 
 Our parameter names are GPT-2's, so the conversion is small: Hugging Face keeps
 the four projection matrices as Conv1D, stored (in, out), which we transpose to
@@ -38,7 +42,10 @@ CONFIG_OVERRIDES = ("dropout", "vocab_multiple")  # fields that do not change th
 # ---- loading ----------------------------------------------------------------------
 
 
-def load_pretrained(name_or_dir: str | Path, **overrides) -> GPT:
+def from_pretrained(name_or_dir: str | Path, **overrides) -> GPT:
+    """GPT-2 weights from a hub id (gpt2, gpt2-medium, gpt2-large, gpt2-xl, owner/name; needs
+    the network) or a local directory (config.json + model.safetensors / pytorch_model.bin).
+    overrides: GPTConfig fields that do not change the weights' shapes (dropout, vocab_multiple)."""
     directory = resolve(name_or_dir)
     config = config_from_hf(read_hf_config(directory), str(directory), **overrides)
     with torch.device("meta"):  # shapes only: no time spent initialising weights we replace
@@ -173,6 +180,7 @@ def state_dict_from_hf(hf_state: dict[str, torch.Tensor], config: GPTConfig) -> 
 
 
 def save_pretrained(model: GPT, directory: str | Path) -> None:
+    """Write a directory that transformers.GPT2LMHeadModel.from_pretrained loads with equal logits."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = state_dict_to_hf(model)

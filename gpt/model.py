@@ -2,11 +2,15 @@
 
 Read top to bottom: GPTConfig (the hyperparameters), KVCache (keys and values
 kept between decoding steps), CausalSelfAttention, MLP, Block, and GPT, which
-ties them together and adds the loss, parameter and FLOP counts and MFU.
+ties them together and adds the loss, parameter and FLOP counts and MFU; then
+GPTClassifier (a GPT with a classification head) and pad_sequences (a batch of
+token lists of different lengths and its attention mask).
 
-Module and parameter names follow GPT-2 (transformer.h.0.attn.c_attn, ...), so
-converting to and from Hugging Face checkpoints (gpt/hf.py) is a transpose, not
-a rename table.
+This module knows nothing of training, files, tokenizers or other formats: it
+is the network alone. Module and parameter names follow GPT-2
+(transformer.h.0.attn.c_attn, ...), so converting to and from Hugging Face
+checkpoints (gpt/hf.py, which builds on this module) is a transpose, not a
+rename table.
 
 Shapes in comments: B batch, T new tokens, S keys attended to (past + T),
 C = n_embd, H = n_head, D = C // H, V = vocab_size.
@@ -22,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt.errors import UserError
+from gpt.system import device_peak_flops
 
 
 @dataclass
@@ -350,29 +355,12 @@ class GPT(nn.Module):
     def estimate_mfu(self, tokens_per_sec: float, device=None, seq_len: int | None = None):
         """Model FLOPs utilisation: achieved training FLOP/s over the device's dense bf16 peak.
 
-        None where the peak is unknown (CPU, MPS, GPUs not in PEAK_BF16_FLOPS).
+        None where the peak is unknown (CPU, MPS, GPUs not in gpt.system.PEAK_BF16_FLOPS).
         """
         peak = device_peak_flops(device)
         if peak is None:
             return None
         return self.flops_per_token(seq_len) * tokens_per_sec / peak
-
-    # ---- Hugging Face GPT-2 interchange (gpt/hf.py) ----------------------------------
-
-    @classmethod
-    def from_pretrained(cls, name_or_dir: str, **overrides) -> "GPT":
-        """GPT-2 weights from a hub id (gpt2, gpt2-medium, gpt2-large, gpt2-xl; needs the
-        network) or a local directory (config.json + model.safetensors/pytorch_model.bin).
-        overrides: GPTConfig fields that do not change the weights' shapes (dropout)."""
-        from gpt.hf import load_pretrained  # hf.py builds on this module
-
-        return load_pretrained(name_or_dir, **overrides)
-
-    def save_pretrained(self, directory) -> None:
-        """Write a directory that transformers.GPT2LMHeadModel.from_pretrained loads."""
-        from gpt.hf import save_pretrained
-
-        save_pretrained(self, directory)
 
 
 class GPTClassifier(nn.Module):
@@ -428,29 +416,3 @@ def pad_sequences(seqs: list[list[int]], pad_id: int = 0, left: bool = True, dev
             span = slice(width - len(s), width) if left else slice(0, len(s))
             idx[row, span], mask[row, span] = torch.as_tensor(s, dtype=torch.long), 1
     return idx.to(device), mask.to(device)
-
-
-# Dense bf16 tensor-core peaks (FLOP/s, no sparsity) from NVIDIA's datasheets, matched
-# against torch.cuda.get_device_name(); the first match wins, so specific names come first.
-PEAK_BF16_FLOPS = (
-    ("H200", 989e12),  # H200 SXM, GH200
-    ("H100 NVL", 835e12),
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),  # H100 SXM ("NVIDIA H100 80GB HBM3")
-    ("A100", 312e12),  # SXM and PCIe
-)
-
-
-def peak_bf16_flops(device_name: str) -> float | None:
-    for key, flops in PEAK_BF16_FLOPS:
-        if key in device_name:
-            return flops
-    return None
-
-
-def device_peak_flops(device=None) -> float | None:
-    """Dense bf16 peak of a torch device (default: the current CUDA device), or None."""
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type != "cuda":
-        return None
-    return peak_bf16_flops(torch.cuda.get_device_name(device))

@@ -145,9 +145,8 @@ def file_documents(source: Input, text_field: str) -> Iterator[tuple[str, bool]]
     """(text, ends_document) pieces of one file: each JSON line, or the whole file, in pieces."""
     with open_text(source) as f:
         if source.is_jsonl:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    yield json_text(line, text_field, f"{source.path}:{lineno}"), True
+            for where, record in jsonl_records(f, source.path):
+                yield record_text(record, text_field, where), True
             return
         carry = ""
         while block := f.read(PIECE_CHARS):
@@ -161,14 +160,25 @@ def file_documents(source: Input, text_field: str) -> Iterator[tuple[str, bool]]
         yield carry, True
 
 
-def json_text(line: str, field: str, where: str) -> str:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{where}: not valid JSON ({e.msg}): fix or remove the line") from None
-    if not isinstance(record, dict) or field not in record:
-        found = ", ".join(map(str, record)) if isinstance(record, dict) else type(record).__name__
-        raise UserError(f"{where}: no {field!r} field (found: {found}): pass --text_field=NAME")
+def jsonl_records(lines, source) -> Iterator[tuple[str, dict]]:
+    """("FILE:LINE", record) for each non-blank line of a JSON Lines file; a line that is not a
+    JSON object is refused with its place. Shared by this module and gpt.tasks.classify."""
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{source}:{lineno}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where}: not valid JSON ({e.msg}): fix or remove the line") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{where}: a JSON {type(record).__name__}, not an object with named fields")
+        yield where, record
+
+
+def record_text(record: dict, field: str, where: str) -> str:
+    if field not in record:
+        raise UserError(f"{where}: no {field!r} field (found: {', '.join(map(str, record))}): pass --text_field=NAME")
     if not isinstance(record[field], str):
         raise UserError(f"{where}: field {field!r} is {type(record[field]).__name__}, not text")
     return record[field]

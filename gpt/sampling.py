@@ -1,7 +1,8 @@
 """Text generation: logits processors and decoding loops, all on the KV cache.
 
-    from gpt.sampling import generate, stream
+    from gpt.sampling import SamplingConfig, generate, stream
     out = generate(model, idx, 100, temperature=0.8, top_k=200)        # (B, T + 100) token ids
+    out = generate(model, idx, 100, SamplingConfig(temperature=0.8, top_k=200))   # the same
     out = generate(model, idx, 100, temperature=0)                      # greedy
     out = generate(model, idx, 100, penalty_alpha=0.6, top_k=4)         # contrastive search
     for tokens in stream(model, idx, 100, top_p=0.9): ...               # (B,) new tokens per step
@@ -27,6 +28,7 @@ block_size - 1 tokens of each row.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
@@ -99,36 +101,64 @@ class MinP:
         return scores.masked_fill(sorted_remove.scatter(1, order, sorted_remove), float("-inf"))
 
 
-def make_processors(*, sample: bool, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                    min_p: float | None = None, repetition_penalty: float = 1.0) -> list:
-    """The processors in transformers' order; the warpers only when sampling."""
-    processors = [RepetitionPenalty(repetition_penalty)] if repetition_penalty != 1.0 else []
-    if sample:
-        if temperature != 1.0:
-            processors.append(Temperature(temperature))
-        if top_k:
-            processors.append(TopK(top_k))
-        if top_p is not None and top_p < 1.0:
-            processors.append(TopP(top_p))
-        if min_p:
-            processors.append(MinP(min_p))
-    return processors
+# ---- the decoding settings ----------------------------------------------------------------
 
 
-def check_settings(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, penalty_alpha) -> None:
-    """Reject settings that have no meaning, with the name and the allowed range."""
-    checks = [
-        (max_new_tokens >= 1, "max_new_tokens must be at least 1", max_new_tokens),
-        (temperature >= 0, "temperature must be >= 0 (0 = greedy)", temperature),
-        (top_k is None or top_k >= 1, "top_k must be >= 1", top_k),
-        (top_p is None or 0 < top_p <= 1, "top_p must be in (0, 1]", top_p),
-        (min_p is None or 0 <= min_p <= 1, "min_p must be in [0, 1]", min_p),
-        (repetition_penalty > 0, "repetition_penalty must be > 0 (1 = off)", repetition_penalty),
-        (penalty_alpha is None or 0 <= penalty_alpha <= 1, "penalty_alpha must be in [0, 1]", penalty_alpha),
-    ]
-    for ok, message, value in checks:
-        if not ok:
-            raise UserError(f"{message}, got {value}")
+def _setting(default, kind: type, help: str):
+    """A field with what a command line needs to offer it: its value type and a help text."""
+    return field(default=default, metadata={"type": kind, "help": help})
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How each next token is chosen. Declared once here: generate(), stream() and sample.py's
+    options are these fields (sample.py builds its command line from them)."""
+
+    temperature: float = _setting(1.0, float, "scale of the scores before sampling; 0 = greedy")
+    top_k: int | None = _setting(None, int, "keep the k likeliest tokens (default: all); with penalty_alpha, "
+                                            "the number of candidates of contrastive search")
+    top_p: float | None = _setting(None, float, "nucleus sampling threshold, in (0, 1]")
+    min_p: float | None = _setting(None, float, "keep tokens with at least min_p x the top probability")
+    repetition_penalty: float = _setting(1.0, float, "> 1 discourages repeats (1 = off)")
+    penalty_alpha: float | None = _setting(None, float, "contrastive search degeneration penalty, in [0, 1]")
+
+    def __post_init__(self):
+        """Reject settings that have no meaning, with the name and the allowed range."""
+        checks = [
+            (self.temperature >= 0, "temperature must be >= 0 (0 = greedy)", self.temperature),
+            (self.top_k is None or self.top_k >= 1, "top_k must be >= 1", self.top_k),
+            (self.top_p is None or 0 < self.top_p <= 1, "top_p must be in (0, 1]", self.top_p),
+            (self.min_p is None or 0 <= self.min_p <= 1, "min_p must be in [0, 1]", self.min_p),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0 (1 = off)", self.repetition_penalty),
+            (self.penalty_alpha is None or 0 <= self.penalty_alpha <= 1, "penalty_alpha must be in [0, 1]",
+             self.penalty_alpha),
+        ]
+        for ok, message, value in checks:
+            if not ok:
+                raise UserError(f"{message}, got {value}")
+
+    @property
+    def contrastive(self) -> bool:
+        return bool(self.penalty_alpha) and self.top_k is not None and self.top_k > 1
+
+    @property
+    def sample(self) -> bool:
+        """Draw at random (else the choice is deterministic: greedy or contrastive)."""
+        return self.temperature > 0 and not self.contrastive
+
+    def processors(self) -> list:
+        """The logits processors in transformers' order; the warpers only when sampling."""
+        processors = [RepetitionPenalty(self.repetition_penalty)] if self.repetition_penalty != 1.0 else []
+        if self.sample:
+            if self.temperature != 1.0:
+                processors.append(Temperature(self.temperature))
+            if self.top_k:
+                processors.append(TopK(self.top_k))
+            if self.top_p is not None and self.top_p < 1.0:
+                processors.append(TopP(self.top_p))
+            if self.min_p:
+                processors.append(MinP(self.min_p))
+        return processors
 
 
 # ---- decoding ------------------------------------------------------------------------------
@@ -211,19 +241,20 @@ def _contrastive_choice(ctx: _Context, scores: torch.Tensor, k: int, alpha: floa
 
 
 @torch.no_grad()
-def stream(model: GPT, idx: torch.Tensor, max_new_tokens: int, *, attention_mask: torch.Tensor | None = None,
-           num_samples: int = 1, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-           min_p: float | None = None, repetition_penalty: float = 1.0, penalty_alpha: float | None = None,
-           eos_token_id: int | None = None, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+def stream(model: GPT, idx: torch.Tensor, max_new_tokens: int, sampling: SamplingConfig | None = None, *,
+           attention_mask: torch.Tensor | None = None, num_samples: int = 1, eos_token_id: int | None = None,
+           generator: torch.Generator | None = None, **settings) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, (B * num_samples,), one step at a time.
 
-    Rows that reached eos_token_id keep yielding it. Stop iterating whenever you like.
+    The decoding settings are a SamplingConfig, or its fields as keywords (temperature=0,
+    top_p=0.9, ...). Rows that reached eos_token_id keep yielding it. Stop iterating
+    whenever you like.
     """
-    check_settings(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, penalty_alpha)
-    contrastive = bool(penalty_alpha) and top_k is not None and top_k > 1
-    sample = temperature > 0 and not contrastive
-    processors = make_processors(sample=sample, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                 repetition_penalty=repetition_penalty)
+    if max_new_tokens < 1:
+        raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    sampling = sampling or SamplingConfig(**settings)
+    contrastive, sample = sampling.contrastive, sampling.sample
+    processors = sampling.processors()
     was_training = model.training
     model.eval()
     mask = torch.ones_like(idx) if attention_mask is None else attention_mask.to(idx.device)
@@ -237,7 +268,7 @@ def stream(model: GPT, idx: torch.Tensor, max_new_tokens: int, *, attention_mask
             for process in processors:
                 scores = process(ctx.seen_tokens(), scores)
             if contrastive:
-                next_tokens = _contrastive_choice(ctx, scores, top_k, penalty_alpha)
+                next_tokens = _contrastive_choice(ctx, scores, sampling.top_k, sampling.penalty_alpha)
             else:
                 if sample:
                     next_tokens = torch.multinomial(F.softmax(scores, dim=-1), 1, generator=generator)[:, 0]
@@ -257,18 +288,15 @@ def stream(model: GPT, idx: torch.Tensor, max_new_tokens: int, *, attention_mask
         model.train(was_training)
 
 
-def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
-             top_p: float | None = None, penalty_alpha: float | None = None, repetition_penalty: float = 1.0,
-             eos_token_id: int | None = None, generator: torch.Generator | None = None, min_p: float | None = None,
-             attention_mask: torch.Tensor | None = None, num_samples: int = 1) -> torch.Tensor:
+def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, sampling: SamplingConfig | None = None, *,
+             attention_mask: torch.Tensor | None = None, num_samples: int = 1, eos_token_id: int | None = None,
+             generator: torch.Generator | None = None, **settings) -> torch.Tensor:
     """idx (B, T) -> (B * num_samples, T + new): the prompts followed by what was generated.
 
     Generation ends after max_new_tokens, or when every row has produced eos_token_id
     (rows that finished earlier are filled with it). See `stream` for the arguments.
     """
-    steps = list(stream(model, idx, max_new_tokens, attention_mask=attention_mask, num_samples=num_samples,
-                        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                        repetition_penalty=repetition_penalty, penalty_alpha=penalty_alpha,
-                        eos_token_id=eos_token_id, generator=generator))
+    steps = list(stream(model, idx, max_new_tokens, sampling, attention_mask=attention_mask, num_samples=num_samples,
+                        eos_token_id=eos_token_id, generator=generator, **settings))
     prompt = idx.repeat_interleave(num_samples, 0)
     return torch.cat([prompt, torch.stack(steps, 1)], 1) if steps else prompt

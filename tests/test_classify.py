@@ -121,6 +121,16 @@ def test_a_missing_backbone_falls_back_to_scratch_only_when_asked(tmp_path, caps
     fails_with(capsys, args(data, tmp_path / "o2", f"--run.init_from={missing}"), f"run.init_from '{missing}' does not exist")
 
 
+def test_the_shipped_config_starts_from_scratch_on_a_fresh_clone(tmp_path, capsys, monkeypatch):
+    """configs/finetune_sms_spam.toml names out/shakespeare_gpt2, a relative path that looks like a
+    hub id (owner/name): with scratch_if_missing it must not be looked up on the hub."""
+    monkeypatch.chdir(tmp_path)  # no out/shakespeare_gpt2 here
+    data = sms_slice(tmp_path, 100)
+    train.main([str(ROOT / "configs" / "finetune_sms_spam.toml"), f"--classify.train_file={data}",
+                "--classify.label_column=spam", "--run.out_dir=o", *TINY, "--max_iters=1"])
+    assert "note: out/shakespeare_gpt2 does not exist: training from scratch" in capsys.readouterr().out
+
+
 def test_exact_resume_for_classification(tmp_path):
     data = sms_slice(tmp_path, 300)
     more = ["--model.dropout=0.1", "--optim.decay_iters=24", "--eval.eval_interval=8"]

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from gpt.dataset import TokenDataset, WindowSampler, eval_indices, load_meta, to_device
+from gpt.dataset import TokenDataset, WindowSampler, eval_indices, load_meta
+from gpt.system import to_device
 from gpt.errors import UserError
 from gpt.prepare import prepare
 

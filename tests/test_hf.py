@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from gpt import GPT, GPTConfig, UserError
+from gpt.hf import from_pretrained, save_pretrained
 
 transformers = pytest.importorskip("transformers")
 
@@ -41,7 +42,7 @@ def our_logits(model, idx):
 def test_hf_to_ours_gives_equal_logits(tmp_path, safe_serialization):
     hf = random_hf_model()
     hf.save_pretrained(tmp_path, safe_serialization=safe_serialization)
-    ours = GPT.from_pretrained(str(tmp_path)).eval()
+    ours = from_pretrained(str(tmp_path)).eval()
     assert ours.config.n_layer == 2 and ours.config.block_size == 48 and ours.config.vocab_size == 300
     idx = random_ids(300)
     torch.testing.assert_close(our_logits(ours, idx), hf_logits(hf, idx), rtol=1e-4, atol=1e-4)
@@ -55,13 +56,13 @@ def test_ours_to_hf_gives_equal_logits(tmp_path, bias):
         for name, p in ours.named_parameters():
             if ".ln_" in name:
                 p.add_(torch.randn_like(p) * 0.1)
-    ours.save_pretrained(tmp_path)
+    save_pretrained(ours, tmp_path)
     assert (tmp_path / "model.safetensors").exists()
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
     idx = random_ids(250, (2, 40))
     torch.testing.assert_close(hf_logits(hf, idx), our_logits(ours, idx), rtol=1e-4, atol=1e-4)
     # and back again
-    again = GPT.from_pretrained(tmp_path).eval()
+    again = from_pretrained(tmp_path).eval()
     torch.testing.assert_close(our_logits(again, idx), our_logits(ours, idx), rtol=1e-5, atol=1e-5)
 
 
@@ -71,7 +72,7 @@ def test_gpt2model_keys_without_transformer_prefix_load(tmp_path):
     hf.transformer.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["model_type"] == "gpt2"
-    ours = GPT.from_pretrained(tmp_path).eval()
+    ours = from_pretrained(tmp_path).eval()
     idx = random_ids(300)
     torch.testing.assert_close(our_logits(ours, idx), hf_logits(hf, idx), rtol=1e-4, atol=1e-4)
 
@@ -79,14 +80,14 @@ def test_gpt2model_keys_without_transformer_prefix_load(tmp_path):
 def test_dropout_and_padding_can_be_overridden_but_shapes_cannot(tmp_path):
     hf = random_hf_model()
     hf.save_pretrained(tmp_path)
-    assert GPT.from_pretrained(tmp_path, dropout=0.1).config.dropout == 0.1
-    unpadded = GPT.from_pretrained(tmp_path, vocab_multiple=1).eval()
+    assert from_pretrained(tmp_path, dropout=0.1).config.dropout == 0.1
+    unpadded = from_pretrained(tmp_path, vocab_multiple=1).eval()
     assert unpadded.transformer.wte.weight.shape[0] == 300
     assert unpadded.lm_head.weight is unpadded.transformer.wte.weight  # still tied after loading
     idx = random_ids(300)
     torch.testing.assert_close(our_logits(unpadded, idx), hf_logits(hf, idx), rtol=1e-4, atol=1e-4)
     with pytest.raises(UserError, match="cannot override n_layer"):
-        GPT.from_pretrained(tmp_path, n_layer=4)
+        from_pretrained(tmp_path, n_layer=4)
 
 
 # ---- bad input -----------------------------------------------------------------------
@@ -94,30 +95,30 @@ def test_dropout_and_padding_can_be_overridden_but_shapes_cannot(tmp_path):
 
 def test_unknown_hub_id_is_a_clear_error():
     with pytest.raises(UserError, match="unknown model 'gpt-17'.*gpt2, gpt2-medium, gpt2-large, gpt2-xl"):
-        GPT.from_pretrained("gpt-17")
+        from_pretrained("gpt-17")
 
 
 def test_directory_without_weights(tmp_path):
     random_hf_model().config.save_pretrained(tmp_path)  # config.json only
     with pytest.raises(UserError, match="has no model.safetensors or pytorch_model.bin"):
-        GPT.from_pretrained(tmp_path)
+        from_pretrained(tmp_path)
 
 
 def test_directory_without_config(tmp_path):
     with pytest.raises(UserError, match="has no config.json"):
-        GPT.from_pretrained(tmp_path)
+        from_pretrained(tmp_path)
 
 
 def test_config_json_that_is_not_an_object(tmp_path):
     (tmp_path / "config.json").write_text("[1, 2]")
     with pytest.raises(UserError, match="holds a JSON list, not a model configuration"):
-        GPT.from_pretrained(tmp_path)
+        from_pretrained(tmp_path)
 
 
 def test_a_file_instead_of_a_directory(tmp_path):
     (tmp_path / "weights.bin").write_bytes(b"\0")
     with pytest.raises(UserError, match="is a file"):
-        GPT.from_pretrained(tmp_path / "weights.bin")
+        from_pretrained(tmp_path / "weights.bin")
 
 
 @pytest.mark.parametrize(
@@ -135,7 +136,7 @@ def test_config_that_is_not_gpt2_shaped(tmp_path, change, message):
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, **change}))
     with pytest.raises(UserError, match=message):
-        GPT.from_pretrained(tmp_path)
+        from_pretrained(tmp_path)
 
 
 def test_weights_that_do_not_fit_the_config(tmp_path):
@@ -143,4 +144,4 @@ def test_weights_that_do_not_fit_the_config(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "n_embd": 128}))
     with pytest.raises(UserError, match="do not fit its config.json"):
-        GPT.from_pretrained(tmp_path)
+        from_pretrained(tmp_path)

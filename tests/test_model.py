@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from gpt import GPT, GPTConfig, UserError
-from gpt.model import CausalSelfAttention, peak_bf16_flops
+from gpt.model import CausalSelfAttention
+from gpt.system import peak_bf16_flops
 
 SMALL = dict(block_size=32, vocab_size=97, n_layer=3, n_head=4, n_embd=32)
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from gpt import GPT, GPTConfig, UserError
+from gpt.hf import from_pretrained
 from gpt.sampling import MinP, RepetitionPenalty, Temperature, TopK, TopP, generate, pad_sequences, stream
 
 transformers = pytest.importorskip("transformers")
@@ -57,7 +58,7 @@ def models(tmp_path_factory):
     hf = transformers.GPT2LMHeadModel(config).eval()
     path = tmp_path_factory.mktemp("hf")
     hf.save_pretrained(path)
-    return hf, GPT.from_pretrained(path).eval()
+    return hf, from_pretrained(path).eval()
 
 
 PROMPTS = [[5], [17, 3, 99, 42], list(range(100, 117)), [7, 7, 7, 7, 7, 7, 8]]

@@ -1,0 +1,140 @@
+"""Where and how code runs: device, precision, processes, and what the hardware can do.
+
+    device = pick_device("auto")                 # cuda, then mps, then cpu
+    dtype = pick_dtype("auto", device)           # bf16 on GPUs that have it, fp16 on older ones, fp32 on CPU
+    with autocast(device, dtype): ...            # mixed precision, or nothing for fp32
+    procs = start_processes(device)              # rank / local_rank / world_size under torchrun
+    x, y = to_device(batch, device)              # pinned, asynchronous copies on CUDA
+
+Training, sampling, evaluation and classification all import their device and
+precision choices from here, so inference commands never load the trainer.
+This module also holds the dense bf16 peak FLOP/s of known GPUs, which turns a
+measured tokens/s into model FLOPs utilisation (MFU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from gpt.errors import UserError
+
+# ---- device and precision -------------------------------------------------------------------
+
+
+def pick_device(name: str) -> torch.device:
+    """"auto" (cuda, then mps, then cpu) or a torch device name; under torchrun, this process's GPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            name = "cuda"
+        elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            name = "mps"
+        else:
+            name = "cpu"
+    try:
+        device = torch.device(name)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise UserError(f"device {name!r} is not usable here ({str(e).splitlines()[0]}): use \"auto\" or \"cpu\"") from None
+    if device.type == "cuda" and "RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """auto: bf16 autocast on GPUs that support it, else fp16 (with a grad scaler); fp32 elsewhere."""
+    if name == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return getattr(torch, name)
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Mixed precision in `dtype` on `device` (weights stay fp32); a no-op for fp32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def to_device(batch: tuple[torch.Tensor, ...], device: torch.device | str) -> tuple[torch.Tensor, ...]:
+    """Tensors to the device; on CUDA through pinned memory, without waiting for the copy."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return tuple(t.pin_memory().to(device, non_blocking=True) for t in batch)
+    return tuple(t.to(device) for t in batch)
+
+
+# ---- processes (torchrun) ------------------------------------------------------------------------
+
+
+@dataclass
+class Processes:
+    rank: int = 0  # this process among all of them
+    local_rank: int = 0  # this process on its machine (picks the GPU)
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def note(self, line: str) -> None:
+        """Print a line once (from the main process), not once per process."""
+        if self.is_main:
+            print(line)
+
+
+def start_processes(device: torch.device) -> Processes:
+    """Join the process group when launched by torchrun (it sets RANK, LOCAL_RANK, WORLD_SIZE)."""
+    if "RANK" not in os.environ:
+        return Processes()
+    procs = Processes(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
+    if device.type == "cuda":
+        torch.cuda.set_device(procs.local_rank)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return procs
+
+
+def barrier() -> None:
+    """Wait for every process (nothing to wait for in a single process)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over all processes, in place (gloo has no AVG, so callers divide)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+# ---- peak FLOP/s -------------------------------------------------------------------------------
+
+# Dense bf16 tensor-core peaks (FLOP/s, no sparsity) from NVIDIA's datasheets, matched
+# against torch.cuda.get_device_name(); the first match wins, so specific names come first.
+PEAK_BF16_FLOPS = (
+    ("H200", 989e12),  # H200 SXM, GH200
+    ("H100 NVL", 835e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),  # H100 SXM ("NVIDIA H100 80GB HBM3")
+    ("A100", 312e12),  # SXM and PCIe
+)
+
+
+def peak_bf16_flops(device_name: str) -> float | None:
+    for key, flops in PEAK_BF16_FLOPS:
+        if key in device_name:
+            return flops
+    return None
+
+
+def device_peak_flops(device=None) -> float | None:
+    """Dense bf16 peak of a torch device (default: the current CUDA device), or None."""
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type != "cuda":
+        return None
+    return peak_bf16_flops(torch.cuda.get_device_name(device))

@@ -1,0 +1,302 @@
+"""Text classification: fine-tune a GPT on labelled text (run.task = "classify").
+
+Training runs through train.py with a [classify] section (see
+configs/finetune_sms_spam.toml), so DDP, AMP, compile, checkpoints, exact resume
+and logging are those of pretraining. The data is a CSV, TSV or JSON Lines file
+of texts and labels; the network is a GPT backbone (from run.init_from: our
+language model, a Hugging Face GPT-2, or scratch) with a linear head on the
+final hidden state of each text's last token (gpt.model.GPTClassifier).
+Evaluation reports loss, accuracy, macro-F1, per-class precision, recall and F1
+and the confusion matrix; a test file is evaluated with best.pt at the end.
+
+Labelling new texts with the result: python -m gpt.classify (gpt/classify.py).
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+import torch
+
+from gpt.dataset import WindowSampler
+from gpt.errors import UserError, require
+from gpt.init import Start, initial_model
+from gpt.model import GPTClassifier, pad_sequences
+from gpt.prepare import jsonl_records
+from gpt.system import Processes, to_device
+from gpt.tokenizer import Tokenizer, get_tokenizer
+
+if TYPE_CHECKING:
+    from gpt.config import Config
+
+
+BEST_METRICS = ("val_loss", "accuracy", "macro_f1")
+
+
+@dataclass
+class ClassifyConfig:
+    """The [classify] section of a config."""
+
+    train_file: str = ""  # CSV, TSV or JSON Lines with a text and a label column
+    val_file: str = ""  # "": a stratified split of train_file (val_fraction)
+    test_file: str = ""  # optional: evaluated with the best checkpoint at the end
+    val_fraction: float = 0.1
+    text_column: str = "text"
+    label_column: str = "label"
+    truncate: str = "head"  # texts longer than block_size keep their "head" or their "tail"
+    tokenizer: str = "gpt2"  # from scratch only; a pretrained backbone brings its own
+    scratch_if_missing: bool = False  # run.init_from names a checkpoint that does not exist: train from scratch
+    freeze_backbone: bool = False  # train the head only
+    head_dropout: float = 0.1
+    lm_loss_weight: float = 0.0  # auxiliary language-modelling loss (GPT-1 used 0.5)
+    best_metric: str = "macro_f1"  # val_loss | accuracy | macro_f1: chooses best.pt
+
+    def __post_init__(self):
+        require(0 <= self.val_fraction < 1, "val_fraction", "in [0, 1)", self.val_fraction)
+        require(self.truncate in ("head", "tail"), "truncate", '"head" or "tail"', self.truncate)
+        require(0 <= self.head_dropout < 1, "head_dropout", "in [0, 1)", self.head_dropout)
+        require(self.lm_loss_weight >= 0, "lm_loss_weight", "non-negative", self.lm_loss_weight)
+        require(self.best_metric in BEST_METRICS, "best_metric", f"one of {', '.join(BEST_METRICS)}", self.best_metric)
+
+
+# ---- labelled data ----------------------------------------------------------------------------------
+
+
+def read_labeled(path: str | Path, text_column: str, label_column: str | None) -> tuple[list[str], list, int]:
+    """(texts, labels, skipped) from a CSV, TSV or JSON Lines file with a header / keys.
+
+    Labels are kept as strings ("1" and 1 are the same label); label_column None reads
+    texts only (labels are then None). Rows whose text is empty are skipped and counted.
+    Errors name the file and line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"labelled data file {path} does not exist: check classify.train_file / val_file / test_file")
+    rows = _jsonl_rows(path) if ".jsonl" in path.suffixes else _csv_rows(path)
+    texts, labels, skipped = [], [], 0
+    for where, row in rows:
+        missing = [c for c in (text_column, label_column) if c is not None and c not in row]
+        if missing:
+            raise UserError(f"{where}: no column {missing[0]!r} (columns found: {', '.join(map(str, row))}): "
+                            f"name the right text and label columns")
+        text = row[text_column]
+        if text is None or not str(text).strip():
+            skipped += 1
+            continue
+        label = None if label_column is None else row[label_column]
+        if label_column is not None and (label is None or str(label).strip() == ""):
+            raise UserError(f"{where}: the label is empty: every row needs a label")
+        texts.append(str(text))
+        labels.append(None if label is None else str(label).strip())
+    if not texts:
+        raise UserError(f"{path} holds no rows with text")
+    return texts, labels, skipped
+
+
+def _csv_rows(path: Path):
+    delimiter = "\t" if path.suffix in (".tsv", ".tab") else ","
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        reader = csv.reader(f, delimiter=delimiter)
+        header = next(reader, None)
+        if not header:
+            raise UserError(f"{path} is empty: it needs a header row naming its columns")
+        for row in reader:
+            where = f"{path}:{reader.line_num}"
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise UserError(f"{where}: {len(row)} fields where the header has {len(header)}: "
+                                f"fix the line (quote fields that contain the delimiter)")
+            yield where, dict(zip(header, row))
+
+
+def _jsonl_rows(path: Path):
+    with open(path, encoding="utf-8", errors="replace") as f:
+        yield from jsonl_records(f, path)
+
+
+def label_order(labels) -> list[str]:
+    """Distinct labels, numerically sorted when they are all integers ("2" before "10")."""
+    distinct = set(labels)
+    numeric = all(lab.lstrip("-").isdigit() for lab in distinct)
+    return sorted(distinct, key=int if numeric else str)
+
+
+def stratified_split(labels: list[str], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Row indices (train, val): `fraction` of each label's rows, chosen from `seed`, go to val."""
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for label in sorted(set(labels)):
+        rows = [i for i, lab in enumerate(labels) if lab == label]
+        rng.shuffle(rows)
+        n_val = int(round(len(rows) * fraction))
+        if 0 < fraction and n_val == 0 and len(rows) > 1:
+            n_val = 1
+        val += rows[:n_val]
+        train += rows[n_val:]
+    return sorted(train), sorted(val)
+
+
+class ClassificationData:
+    """Tokenised texts and label ids; batches padded to their longest text."""
+
+    def __init__(self, texts: list[str], label_ids: list[int], tokenizer: Tokenizer, block_size: int,
+                 truncate: str = "head"):
+        self.tokens = []
+        for text in texts:
+            ids = tokenizer.encode(text)
+            self.tokens.append(ids[:block_size] if truncate == "head" else ids[-block_size:])
+        self.labels = torch.tensor(label_ids, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def batch(self, indices, pad_id: int = 0, left: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(idx, attention_mask, labels) for rows `indices`: (B, longest) ids, 1/0 mask, (B,) labels."""
+        idx, mask = pad_sequences([self.tokens[i] for i in indices], pad_id, left=left)
+        return idx, mask, self.labels[torch.as_tensor(indices, dtype=torch.long)]
+
+
+# ---- the task -----------------------------------------------------------------------------------------
+
+
+class Classification:
+    Settings = ClassifyConfig
+
+    def __init__(self, cfg: Config, procs: Processes):
+        c = cfg.classify
+        self.cfg, self.settings, self.procs = cfg, c, procs
+        self.best_metric, self.higher_is_better = c.best_metric, c.best_metric != "val_loss"
+        if not c.train_file:
+            raise UserError('run.task = "classify" needs classify.train_file (a CSV, TSV or JSONL file)')
+        texts, labels, skipped = read_labeled(c.train_file, c.text_column, c.label_column)
+        if c.val_file:
+            val_texts, val_labels, skipped_val = read_labeled(c.val_file, c.text_column, c.label_column)
+            skipped += skipped_val
+        else:
+            train_rows, val_rows = stratified_split(labels, c.val_fraction, cfg.run.seed)
+            if not val_rows:
+                raise UserError("no validation data: set classify.val_file or a classify.val_fraction above 0")
+            val_texts, val_labels = [texts[i] for i in val_rows], [labels[i] for i in val_rows]
+            texts, labels = [texts[i] for i in train_rows], [labels[i] for i in train_rows]
+        self.labels = label_order(labels)
+        if len(self.labels) < 2:
+            raise UserError(f"{c.train_file} has a single label ({self.labels[0]!r}): classification needs two or more")
+        self.raw = {"train": (texts, labels), "val": (val_texts, val_labels)}
+        if c.test_file:
+            test_texts, test_labels, skipped_test = read_labeled(c.test_file, c.text_column, c.label_column)
+            self.raw["test"] = (test_texts, test_labels)
+            skipped += skipped_test
+        for split, (_, split_labels) in self.raw.items():
+            unseen = sorted(set(split_labels) - set(self.labels))
+            if unseen:
+                raise UserError(f"the {split} data has label(s) never seen in training: {', '.join(map(repr, unseen))}: "
+                                f"add training examples or remove those rows")
+        self.eval_splits, self.final_splits = ("val",), ("test",) if c.test_file else ()
+        procs.note(f"classify: {len(texts)} training texts ({', '.join(f'{lab} {labels.count(lab)}' for lab in self.labels)}), "
+                   f"{len(val_texts)} validation" + (f", {len(self.raw['test'][0])} test" if c.test_file else "")
+                   + (f"; skipped {skipped} row(s) with empty text" if skipped else ""))
+
+    # ---- the model -----------------------------------------------------------------------------------
+
+    def build_model(self) -> tuple[GPTClassifier, Start]:
+        cfg, c = self.cfg, self.settings
+        start = initial_model(cfg, scratch_tokenizer=lambda: get_tokenizer(c.tokenizer, text="".join(self.raw["train"][0])),
+                              vocab_source=f"the {c.tokenizer} tokenizer", scratch_if_missing=c.scratch_if_missing,
+                              note=self.procs.note)
+        if start.checkpoint is not None and start.checkpoint["labels"] != self.labels:
+            raise UserError(f"the checkpoint in {cfg.run.out_dir} has labels {start.checkpoint['labels']}, the data "
+                            f"{self.labels}: resume with the same data")
+        self.tokenizer = start.tokenizer
+        if cfg.is_set("classify.tokenizer") and start.checkpoint is None and c.tokenizer != self.tokenizer.name:
+            raise UserError(f"classify.tokenizer = {c.tokenizer!r}, but the backbone uses the {self.tokenizer.name} "
+                            f"tokenizer: remove classify.tokenizer or start from a {c.tokenizer} backbone")
+        backbone = start.model
+        if c.freeze_backbone:
+            backbone.requires_grad_(False)
+
+        self.batch_size, T = cfg.batch.batch_size, backbone.config.block_size
+        ids = {lab: i for i, lab in enumerate(self.labels)}
+        self.data = {split: ClassificationData(texts, [ids[lab] for lab in labels], self.tokenizer, T, c.truncate)
+                     for split, (texts, labels) in self.raw.items()}
+        p = self.procs
+        self.sampler = WindowSampler(len(self.data["train"]), self.batch_size, seed=cfg.run.seed,
+                                     rank=p.rank, world_size=p.world_size)
+        return GPTClassifier(backbone, len(self.labels), dropout=c.head_dropout), start
+
+    # ---- training ----------------------------------------------------------------------------------------
+
+    def grad_accum(self) -> int:
+        if self.cfg.batch.tokens_per_step:
+            raise UserError("batch.tokens_per_step is for language modelling: set batch.batch_size and "
+                            "batch.grad_accum for classification")
+        return self.cfg.batch.grad_accum
+
+    def describe_step(self, grad_accum: int) -> str:
+        w = self.procs.world_size
+        return f"{self.batch_size * grad_accum * w} texts per step ({self.batch_size} x {grad_accum} accumulation x {w})"
+
+    def next_batch(self) -> tuple[torch.Tensor, ...]:
+        return self.data["train"].batch(self.sampler.next_indices(), pad_id=self.tokenizer.eot_token)
+
+    def loss(self, model, batch) -> torch.Tensor:
+        return model(*batch, lm_loss_weight=self.settings.lm_loss_weight)[1]
+
+    # ---- evaluation ----------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, model, split: str, device, autocast: Callable) -> dict[str, torch.Tensor]:
+        """Summed loss and the confusion matrix over this process's share of a split."""
+        data, n = self.data[split], len(self.labels)
+        mine = list(range(self.procs.rank, len(data), self.procs.world_size))
+        loss, confusion = torch.zeros((), device=device), torch.zeros(n * n, device=device)
+        for start in range(0, len(mine), self.batch_size):
+            idx, mask, labels = to_device(data.batch(mine[start : start + self.batch_size], self.tokenizer.eot_token), device)
+            with autocast():
+                logits, batch_loss = model(idx, mask, labels)
+            loss += batch_loss.float() * len(labels)
+            confusion += torch.bincount(labels * n + logits.argmax(-1), minlength=n * n).float()
+        return {"loss": loss, "confusion": confusion}
+
+    def summarize(self, sums: dict[str, dict[str, torch.Tensor]]) -> tuple[dict, str]:
+        metrics, lines = {}, []
+        for split, s in sums.items():
+            split_metrics, split_lines = self._summarize_split(split, s)
+            metrics.update(split_metrics)
+            lines += split_lines
+        return metrics, "\n".join(lines)
+
+    def _summarize_split(self, split: str, sums: dict[str, torch.Tensor]) -> tuple[dict, list[str]]:
+        n = len(self.labels)
+        confusion = sums["confusion"].view(n, n).long()  # rows: true label, columns: predicted
+        tp = confusion.diag().double()
+        precision = (tp / confusion.sum(0).clamp(min=1)).tolist()
+        recall = (tp / confusion.sum(1).clamp(min=1)).tolist()
+        f1 = [2 * p * r / (p + r) if p + r else 0.0 for p, r in zip(precision, recall)]
+        total = confusion.sum().item()
+        loss, accuracy, macro_f1 = sums["loss"].item() / total, tp.sum().item() / total, sum(f1) / n
+        key = (lambda name: name) if split == "val" else (lambda name: f"{split}_{name}")
+        metrics = {f"{split}_loss": loss, key("accuracy"): accuracy, key("macro_f1"): macro_f1,
+                   key("precision"): dict(zip(self.labels, precision)), key("recall"): dict(zip(self.labels, recall)),
+                   key("confusion"): confusion.tolist()}
+        width = max(len(lab) for lab in self.labels)
+        lines = [f"{split} loss {loss:.4f}, accuracy {accuracy:.2%}, macro-F1 {macro_f1:.4f}"]
+        lines += [f"    {lab:>{width}}: precision {p:.3f}, recall {r:.3f}, F1 {f:.3f}"
+                  for lab, p, r, f in zip(self.labels, precision, recall, f1)]
+        lines.append(f"    confusion (rows: true {', '.join(self.labels)}; columns: predicted): {confusion.tolist()}")
+        return metrics, lines
+
+    # ---- checkpoints -----------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
+
+    def checkpoint_info(self) -> dict:
+        return {"tokenizer": self.tokenizer.spec(), "labels": self.labels, "classify": asdict(self.settings)}
