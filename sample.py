@@ -18,9 +18,10 @@ import sys
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from gpt.checkpoint import checkpoint_path, load_model
-from gpt.errors import UserError, exit_on_user_error
+from gpt.errors import ArgumentParser, UserError, exit_on_user_error
 from gpt.hf import from_pretrained
 from gpt.model import GPT
 from gpt.sampling import SamplingConfig, stream
@@ -28,6 +29,7 @@ from gpt.system import autocast, pick_device, pick_dtype
 from gpt.tokenizer import EOT_TEXT, Tokenizer, get_tokenizer
 
 SEPARATOR = "\n" + "-" * 40
+LONG = 2000  # tokens per sample above which a non-streamed run says that it will be silent
 
 
 def load(args, device) -> tuple[GPT, Tokenizer]:
@@ -56,8 +58,17 @@ def printable(text: str, stops: list[str]) -> int:
     return end - max(held, default=0)
 
 
-def prompt_ids(args, tok: Tokenizer) -> list[int]:
-    text = Path(args.prompt_file).read_text() if args.prompt_file else args.prompt
+def prompt_text_of(args) -> str:
+    """--prompt, or the text of --prompt_file."""
+    if not args.prompt_file:
+        return args.prompt
+    try:
+        return Path(args.prompt_file).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"--prompt_file {args.prompt_file} is not UTF-8 text: save it as UTF-8") from None
+
+
+def prompt_ids(text: str, tok: Tokenizer) -> list[int]:
     if not text:
         print(f"note: empty prompt: starting from {EOT_TEXT}", file=sys.stderr)
         return [tok.eot_token]
@@ -66,7 +77,7 @@ def prompt_ids(args, tok: Tokenizer) -> list[int]:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--out_dir", default="out", help="a training run's directory (default: out)")
     p.add_argument("--ckpt", default="ckpt.pt", help="checkpoint file in out_dir, or a path (default: ckpt.pt)")
@@ -76,7 +87,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num_samples", type=int, default=3)
     p.add_argument("--max_new_tokens", type=int, default=500)
     for f in dataclasses.fields(SamplingConfig):  # --temperature, --top_k, ...: declared once, there
-        p.add_argument(f"--{f.name}", type=f.metadata["type"], default=f.default, help=f.metadata["help"])
+        p.add_argument(f"--{f.name}", type=f.metadata["type"], default=f.default,
+                       help=f.metadata["help"] + " (default: %(default)s)")
     p.set_defaults(temperature=0.8)  # livelier than the library's 1.0 default for reading samples
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
@@ -89,6 +101,9 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"--num_samples must be at least 1, got {args.num_samples}")
     if args.max_new_tokens < 1:
         raise UserError(f"max_new_tokens must be at least 1, got {args.max_new_tokens}")
+    if any(not stop for stop in args.stop):
+        raise UserError("--stop is empty: it would end every sample before it starts; give the text to stop at")
+    text = prompt_text_of(args)
     sampling = SamplingConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingConfig)})
     live = sys.stdout.isatty() if args.stream is None else args.stream
     if not sampling.sample and args.num_samples > 1:
@@ -98,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     model, tok = load(args, device)
-    idx = torch.tensor([prompt_ids(args, tok)], device=device)
+    idx = torch.tensor([prompt_ids(text, tok)], device=device)
     prompt_text = "" if idx[0, 0] == tok.eot_token and idx.size(1) == 1 else tok.decode(idx[0].tolist())
     generator = torch.Generator(device=device).manual_seed(args.seed)
     settings = dict(eos_token_id=tok.eot_token, generator=generator)
@@ -118,8 +133,12 @@ def main(argv: list[str] | None = None) -> None:
                         break
                 print(SEPARATOR if i < args.num_samples - 1 else "", flush=True)
         else:  # all samples in one batch: one prefill, rows repeated
+            if args.max_new_tokens > LONG and not sys.stderr.isatty():
+                print(f"note: generating up to {args.max_new_tokens:,} tokens per sample without --stream: nothing "
+                      f"is printed until the end (--stream shows the text as it comes)", file=sys.stderr)
             rows = [[] for _ in range(args.num_samples)]
-            for step in stream(model, idx, args.max_new_tokens, sampling, num_samples=args.num_samples, **settings):
+            steps = stream(model, idx, args.max_new_tokens, sampling, num_samples=args.num_samples, **settings)
+            for step in tqdm(steps, total=args.max_new_tokens, unit="tok", leave=False, disable=None, file=sys.stderr):
                 for row, token in zip(rows, step.tolist()):
                     row.append(token)
                 if all(text_so_far(tok, row, args.stop)[1] for row in rows):

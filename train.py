@@ -1,20 +1,30 @@
 """Train a GPT.
 
-    python train.py CONFIG.toml [--key=value ...] [--resume]
+    python train.py CONFIG.toml [--key=value ...]            # a new run in run.out_dir
+    python train.py CONFIG.toml --resume [--max_iters=N]     # continue that run exactly
+    python train.py --resume --run.out_dir=DIR               # the same, from the run's own config.toml
+    python train.py CONFIG.toml --overwrite                  # a new run where an old one was
     torchrun --nproc_per_node=8 train.py CONFIG.toml [--key=value ...]
 
 CONFIG.toml: see configs/ and gpt/config.py for every key. Overrides are
 --section.key=value or --key=value (e.g. --optim.lr=1e-3 --max_iters=2000).
---resume continues the run in run.out_dir from its ckpt.pt exactly (also
-without CONFIG.toml: the run's own config.toml is used).
+
+--resume continues the run in run.out_dir from its latest checkpoint, with the
+run's own config.toml: overrides may extend run.max_iters or change logging,
+evaluation and the device, but not what the run learns (lr, schedule, batch,
+model, data). A new run refuses an out_dir that holds checkpoints unless
+--overwrite is given; the old checkpoints are removed only once the new run
+has started.
 """
 
+import os
 import sys
-from pathlib import Path
 
-from gpt.config import load_config
+from gpt.config import load_config, resume_config
 from gpt.errors import UserError, exit_on_user_error
 from gpt.trainer import Trainer, TrainingDiverged
+
+FLAGS = ("--resume", "--overwrite")
 
 
 @exit_on_user_error
@@ -24,15 +34,18 @@ def main(argv: list[str] | None = None) -> None:
         print(__doc__.strip())
         return
     path = args.pop(0) if not args[0].startswith("--") else None
-    if "--resume" in args:
-        args = [a for a in args if a != "--resume"] + ["--run.init_from=resume"]
-        if path is None:  # resume from the run's own resolved config
-            path = Path(load_config(None, args).run.out_dir) / "config.toml"
-            if not path.exists():
-                raise UserError(f"nothing to resume: {path} does not exist; pass the config file too")
-    cfg = load_config(path, args)
+    resume, overwrite = "--resume" in args, "--overwrite" in args
+    args = [a for a in args if a not in FLAGS]
+    if resume and overwrite:
+        raise UserError("--resume continues a run and --overwrite replaces it: give one of them")
+    if resume or load_config(path, args).run.init_from == "resume":
+        cfg, notes = resume_config(path, [a for a in args if not a.startswith("--run.init_from=")])
+        if notes and os.environ.get("RANK", "0") == "0":  # once under torchrun
+            print("\n".join(notes))
+    else:
+        cfg = load_config(path, args)
     try:
-        Trainer(cfg).train()
+        Trainer(cfg, overwrite=overwrite).train()
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -117,12 +117,25 @@ def load_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
-def find_checkpoint(out_dir: str | Path) -> Path:
-    """The latest checkpoint of a run directory (for resuming)."""
-    path = Path(out_dir) / LATEST
-    if not path.is_file():
-        raise UserError(f"nothing to resume: {out_dir} has no {LATEST}; start with run.init_from = \"scratch\"")
-    return path
+def previous_checkpoints(out_dir: str | Path) -> list[Path]:
+    """The checkpoint files of a run directory: ckpt.pt, ckpt-*.pt, best.pt."""
+    out_dir = Path(out_dir)
+    return sorted(p for p in [*out_dir.glob("ckpt*.pt"), out_dir / BEST] if p.is_file())
+
+
+def find_checkpoint(out_dir: str | Path, note=print) -> Path:
+    """The checkpoint to resume a run from: ckpt.pt, else the newest ckpt-ITER.pt (with a note)."""
+    out_dir = Path(out_dir)
+    if (out_dir / LATEST).is_file():
+        return out_dir / LATEST
+    numbered = sorted(out_dir.glob("ckpt-*.pt"))
+    if numbered:
+        note(f"note: {out_dir} has no {LATEST}: resuming from {numbered[-1].name}, its newest checkpoint")
+        return numbered[-1]
+    there = f"only {BEST}" if (out_dir / BEST).is_file() else "no checkpoint"
+    hint = (f"copy {BEST} to {LATEST} to resume from the best evaluation, or start a new run with --overwrite"
+            if (out_dir / BEST).is_file() else "start a new run (without --resume)")
+    raise UserError(f"nothing to resume: {out_dir} has no {LATEST} ({there}): {hint}")
 
 
 def checkpoint_path(out_dir: str | Path, ckpt: str) -> Path:
@@ -130,16 +143,17 @@ def checkpoint_path(out_dir: str | Path, ckpt: str) -> Path:
     return Path(ckpt) if Path(ckpt).parent != Path(".") else Path(out_dir) / ckpt
 
 
-KINDS = {"lm": ("a language model", "python sample.py or python -m gpt.evaluate"),
-         "classify": ("a classifier", "python -m gpt.classify")}
+NOUNS = {"lm": "language model", "classify": "classifier"}  # what each task's checkpoints hold
+READERS = {"lm": "generate text from it with python sample.py --ckpt={path}",
+           "classify": "label texts with it: python -m gpt.classify --out_dir={dir}"}
 
 
-def check_task(ckpt: dict, path: str | Path, task: str) -> None:
-    """Refuse a checkpoint of another task, saying which command reads it."""
+def check_task(ckpt: dict, path: str | Path, task: str, hint: str = "") -> None:
+    """Refuse a checkpoint of another task, with `hint` or else the command that reads it."""
     found = ckpt.get("task", "lm")
     if found != task:
-        what, reader = KINDS.get(found, (f"a {found} model", "the command of that task"))
-        raise UserError(f"{path} is a {found} checkpoint, not {KINDS[task][0]}: it is {what}, for {reader}")
+        hint = hint or READERS.get(found, "use the command of that task").format(path=path, dir=Path(path).parent)
+        raise UserError(f"{path} is a {found} checkpoint, not a {NOUNS.get(task, task + ' model')}: {hint}")
 
 
 def gpt_from_checkpoint(ckpt: dict, dropout: float | None = None) -> GPT:

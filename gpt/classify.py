@@ -11,14 +11,14 @@ line per text with every label's probability.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
 import torch
 
 from gpt.checkpoint import checkpoint_path, load_model
-from gpt.errors import UserError, exit_on_user_error
+from gpt.atomic import atomic_path, check_writable
+from gpt.errors import ArgumentParser, UserError, exit_on_user_error
 from gpt.model import GPTClassifier
 from gpt.system import pick_device, to_device
 from gpt.tasks.classify import ClassificationData, read_labeled
@@ -45,7 +45,7 @@ def predict(model: GPTClassifier, tok: Tokenizer, ckpt: dict, texts: list[str], 
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m gpt.classify", description="Classify text with a fine-tuned GPT.")
+    p = ArgumentParser(prog="python -m gpt.classify", description="Classify text with a fine-tuned GPT.")
     p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to classify")
     p.add_argument("--out_dir", required=True, help="the fine-tuning run's directory")
     p.add_argument("--ckpt", default="best.pt", help="checkpoint in out_dir, or a path (default: best.pt)")
@@ -59,6 +59,12 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError("nothing to classify: give texts as arguments or --input=FILE")
     if any(not t.strip() for t in args.texts):
         raise UserError("an empty text cannot be classified: remove it")
+    if args.batch_size < 1:
+        raise UserError(f"--batch_size must be at least 1, got {args.batch_size}")
+    if args.output:
+        if not args.input:
+            raise UserError("--output is for the predictions of --input=FILE: give --input too")
+        check_writable(args.output, "--output")
     path = checkpoint_path(args.out_dir, args.ckpt)
     device = pick_device(args.device)
     model, tok, ckpt = load_model(path, task="classify", device=device)
@@ -67,17 +73,17 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{label}\t{prob:.4f}\t{text}")
     if args.input:
         column = args.text_column or ckpt["classify"]["text_column"]
-        texts, _, skipped = read_labeled(args.input, column, None)
-        out = open(args.output, "w") if args.output else sys.stdout
-        try:
-            for text, (label, prob, probs) in zip(texts, predict(model, tok, ckpt, texts, device, args.batch_size)):
-                out.write(json.dumps({"text": text, "label": label, "probability": prob, "probabilities": probs}) + "\n")
-        finally:
-            if out is not sys.stdout:
-                out.close()
-        if args.output:
-            print(f"classified {len(texts)} texts from {args.input} into {args.output}"
-                  + (f" (skipped {skipped} empty)" if skipped else ""), file=sys.stderr)
+        texts, _, skipped = read_labeled(args.input, column, None, setting="--input")
+        lines = (json.dumps({"text": text, "label": label, "probability": prob, "probabilities": probs}) + "\n"
+                 for text, (label, prob, probs) in zip(texts, predict(model, tok, ckpt, texts, device, args.batch_size)))
+        if not args.output:
+            sys.stdout.writelines(lines)
+            return
+        with atomic_path(args.output) as tmp:  # the file appears complete, or not at all
+            with open(tmp, "w") as f:
+                f.writelines(lines)
+        print(f"classified {len(texts)} texts from {args.input} into {args.output}"
+              + (f" (skipped {skipped} empty)" if skipped else ""), file=sys.stderr)
 
 
 if __name__ == "__main__":

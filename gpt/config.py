@@ -276,25 +276,84 @@ def config_from_dict(values: dict[str, object]) -> Config:
     return Config(**sections, tasks=tasks, explicit=frozenset(values))
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """The config of a TOML file (None: all defaults) with --key=value overrides applied."""
+def _file_values(path: str | Path) -> dict[str, object]:
+    """{dotted key: value} of a TOML config file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"config file {path} does not exist: see configs/ for examples") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"config file {path} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
+    except OSError as e:
+        raise UserError(f"cannot read config file {path}: {e.strerror}") from None
+    try:
+        return _flatten(tomllib.loads(text), str(path))
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path} is not valid TOML: {e}") from None
+
+
+def _override_values(overrides: list[str]) -> dict[str, object]:
+    """{dotted key: value} of --key=value arguments; a key given twice is refused."""
     values: dict[str, object] = {}
-    if path is not None:
-        path = Path(path)
-        try:
-            text = path.read_text()
-        except FileNotFoundError:
-            raise UserError(f"config file {path} does not exist: see configs/ for examples") from None
-        except OSError as e:
-            raise UserError(f"cannot read config file {path}: {e.strerror}") from None
-        try:
-            values = _flatten(tomllib.loads(text), str(path))
-        except tomllib.TOMLDecodeError as e:
-            raise UserError(f"{path} is not valid TOML: {e}") from None
     for arg in overrides:
         key, value = _parse_override(arg)
+        if key in values:
+            raise UserError(f"--{key} is given twice ({values[key]!r} and {value!r}): give it once")
         values[key] = value
-    return config_from_dict(values)
+    return values
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """The config of a TOML file (None: all defaults) with --key=value overrides applied."""
+    values = _file_values(path) if path is not None else {}
+    return config_from_dict({**values, **_override_values(overrides)})
+
+
+# Settings a resumed run may change: they decide how long it runs, how it is watched and where
+# it runs, not what it learns. Everything else would make the resumed run a different run.
+CHANGEABLE_ON_RESUME = ("run.max_iters", "run.keep_last", "eval.eval_interval", "eval.eval_iters",
+                        "eval.early_stopping", "log.", "system.")
+
+
+def resume_config(path: str | Path | None, overrides: list[str] = ()) -> tuple[Config, list[str]]:
+    """The config of a resumed run, and notes to print.
+
+    The run's own config.toml (in run.out_dir, which the file or the overrides name) is the
+    base, so the run continues as it started; CONFIG.toml's other values are ignored (with
+    a note). Overrides apply on top, but only those in CHANGEABLE_ON_RESUME: a change of
+    learning rate, schedule, batch, model or data is refused.
+    """
+    given = load_config(path, overrides)  # checks the file and the overrides, names out_dir
+    out_dir = Path(given.run.out_dir)
+    saved_path = out_dir / "config.toml"
+    if not saved_path.is_file():
+        raise UserError(f"nothing to resume: {out_dir} has no ckpt.pt (nor the config.toml of a run): "
+                        f"start a run there first, or name the run's directory with --run.out_dir")
+    saved = config_from_dict(_file_values(saved_path))
+    if given.run.task != saved.run.task and given.is_set("run.task"):
+        raise UserError(f"{out_dir} holds a {saved.run.task} run, but run.task = {given.run.task!r} here: resume it "
+                        f"with its own config (python train.py --resume --run.out_dir={out_dir}) or choose another run.out_dir")
+    over = _override_values(overrides)
+    resumed = config_from_dict({**flat_dict(saved), **over, "run.out_dir": str(out_dir), "run.init_from": "resume"})
+    before, after = flat_dict(saved), flat_dict(resumed)
+    changed = [k for k in over if before[k] != after[k] and k not in ("run.out_dir", "run.init_from")]
+    refused = [k for k in changed if not k.startswith(CHANGEABLE_ON_RESUME)]
+    if refused:
+        k = refused[0]
+        raise UserError(f"--{k}={after[k]!r} would change the resumed run (it has {before[k]!r}): a resumed run "
+                        f"continues exactly; change it in a new run (another run.out_dir, or --overwrite)")
+    notes = [f"note: resuming with {k} = {after[k]!r} (was {before[k]!r})" for k in changed]
+    if "run.max_iters" in changed and saved.optim.schedule != "constant" and not saved.optim.decay_iters:
+        notes[changed.index("run.max_iters")] += ": the learning-rate decay now ends there"
+    if path is not None:
+        from_file = flat_dict(given)
+        ignored = sorted(k for k in given.explicit
+                         if k not in over and k not in ("run.out_dir", "run.init_from") and before[k] != from_file[k])
+        if ignored:
+            notes.append(f"note: resuming with the run's own {saved_path}; {path} differs in "
+                         f"{', '.join(ignored[:5])}{' ...' if len(ignored) > 5 else ''} (ignored)")
+    return resumed, notes
 
 
 def flat_dict(cfg: Config) -> dict[str, object]:

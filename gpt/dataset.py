@@ -11,7 +11,7 @@ memory-mapped, never read whole, so a corpus may be far larger than RAM.
 
 WindowSampler decides which windows each step reads: every window once per
 epoch, in a seeded shuffled order, a disjoint share for each rank under DDP.
-Its whole state is one number, which the trainer checkpoints, so a resumed run
+Its whole state is one number, which every checkpoint holds, so a resumed run
 reads exactly the batches an uninterrupted run would have read.
 """
 
@@ -75,18 +75,28 @@ class TokenDataset:
         return len(self.tokens) // (block_size + 1)
 
     def check(self, block_size: int, vocab_size: int | None = None) -> None:
-        """Refuse a model that cannot read this data: another vocabulary, or no whole window."""
+        """Refuse a model that cannot read this data: another vocabulary, token ids it has no
+        embedding for (a damaged or foreign file), or no whole window."""
         if vocab_size is not None and vocab_size != self.vocab_size:
             raise UserError(
                 f"the model's vocab_size ({vocab_size}) differs from the data's ({self.vocab_size}, "
                 f"{self.meta['tokenizer']['name']} tokenizer, {self.path.parent}/meta.json): use "
                 f"vocab_size = {self.vocab_size}, or prepare the data with the model's tokenizer"
             )
+        largest = self.max_token()
+        if largest >= self.vocab_size:
+            raise UserError(f"{self.path} holds token id {largest:,}, but the vocabulary has {self.vocab_size:,} ids "
+                            f"(meta.json): the files are damaged or do not belong together; prepare the data again")
         if self.num_windows(block_size) < 1:
             raise UserError(
                 f"{self.path} has {len(self.tokens):,} tokens, fewer than one window of block_size + 1 = "
                 f"{block_size + 1}: lower block_size or add data"
             )
+
+    def max_token(self, chunk: int = 1 << 26) -> int:
+        """The largest token id in the file (-1 if empty), read in chunks of `chunk` tokens, so a
+        corpus larger than memory is checked too (about a second per GB)."""
+        return max((int(self.tokens[i : i + chunk].max()) for i in range(0, len(self.tokens), chunk)), default=-1)
 
     def batch(self, indices, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Windows `indices` as (x, y): int64 (len(indices), block_size) each, y = x shifted by one."""

@@ -23,17 +23,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
-from gpt.checkpoint import check_task, find_checkpoint, gpt_from_checkpoint, load_checkpoint
+from gpt.checkpoint import BEST, LATEST, check_task, find_checkpoint, gpt_from_checkpoint, load_checkpoint
 from gpt.errors import UserError
 from gpt.hf import HUB_MODELS, from_pretrained
 from gpt.model import GPT
 from gpt.tokenizer import Tokenizer, from_spec, get_tokenizer
-
-if TYPE_CHECKING:  # for annotations only: the config module sits above this one
-    from gpt.config import Config
-
 
 @dataclass
 class Start:
@@ -43,9 +39,9 @@ class Start:
     source: str
 
 
-def initial_model(cfg: Config, *, scratch_tokenizer: Callable[[], Tokenizer], vocab_source: str,
+def initial_model(cfg, *, scratch_tokenizer: Callable[[], Tokenizer], vocab_source: str,
                   scratch_if_missing: bool = False, note: Callable[[str], None] = print) -> Start:
-    """The GPT that run.init_from names (see the module docstring).
+    """The GPT that run.init_from names (see the module docstring). cfg: a gpt.config.Config.
 
     scratch_tokenizer: the task's tokenizer for a model trained from scratch (called only then);
     vocab_source: where that vocabulary comes from, for messages; scratch_if_missing: a
@@ -68,7 +64,7 @@ def initial_model(cfg: Config, *, scratch_tokenizer: Callable[[], Tokenizer], vo
         return Start(GPT(replace(cfg.model, vocab_size=tokenizer.vocab_size)), tokenizer, None, "scratch")
 
     if kind == "resume":
-        path = find_checkpoint(cfg.run.out_dir)
+        path = find_checkpoint(cfg.run.out_dir, note)
         ckpt = load_checkpoint(path)
         check_task(ckpt, path, cfg.run.task)
         model = _checked(gpt_from_checkpoint(ckpt, _dropout(cfg)), cfg, f"the checkpoint in {cfg.run.out_dir}", may_crop=False)
@@ -77,7 +73,7 @@ def initial_model(cfg: Config, *, scratch_tokenizer: Callable[[], Tokenizer], vo
     if kind == "checkpoint":  # a language model of ours: its weights
         path = our_checkpoint(init)
         ckpt = load_checkpoint(path)
-        check_task(ckpt, path, "lm")
+        check_task(ckpt, path, "lm", hint="start from a language model's run directory or .pt file")
         model = gpt_from_checkpoint(ckpt, _dropout(cfg))
         model.load_state_dict(ckpt["model"])
         note(f"backbone: the language model in {path} (iteration {ckpt['iter']})")
@@ -109,18 +105,18 @@ def our_checkpoint(init: str) -> Path | None:
     path = Path(init)
     if path.is_file() and path.suffix == ".pt":
         return path
-    for name in ("best.pt", "ckpt.pt"):
+    for name in (BEST, LATEST):
         if (path / name).is_file():
             return path / name
     return None
 
 
-def _dropout(cfg: Config) -> float | None:
+def _dropout(cfg) -> float | None:
     """model.dropout if the config sets it (it wins over the checkpoint's), else None."""
     return cfg.model.dropout if cfg.is_set("model.dropout") else None
 
 
-def _checked(model: GPT, cfg: Config, source: str, may_crop: bool = True) -> GPT:
+def _checked(model: GPT, cfg, source: str, may_crop: bool = True) -> GPT:
     """Crop to a smaller explicit block_size (if allowed), then refuse any other model field
     that the config sets differently from the weights."""
     if may_crop and cfg.is_set("model.block_size") and cfg.model.block_size < model.config.block_size:

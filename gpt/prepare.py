@@ -29,7 +29,6 @@ Bytes that are not valid UTF-8 are replaced by U+FFFD, counted and reported.
 
 from __future__ import annotations
 
-import argparse
 import bz2
 import codecs
 import collections
@@ -43,7 +42,9 @@ import lzma
 import multiprocessing
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -52,7 +53,7 @@ from typing import Iterator
 import numpy as np
 
 from gpt.atomic import atomic_path
-from gpt.errors import UserError, exit_on_user_error
+from gpt.errors import ArgumentParser, UserError, describe_os_error, exit_on_user_error
 from gpt.tokenizer import TOKENIZERS, Tokenizer, from_spec, get_tokenizer
 
 FORMAT_VERSION = 1
@@ -299,11 +300,48 @@ def prepare(inputs: list[str], out: str | Path, tokenizer: str = "gpt2", *, val_
     if tokenizer not in TOKENIZERS:
         raise UserError(f"unknown tokenizer {tokenizer!r}: choose one of {', '.join(TOKENIZERS)}")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file: name a directory for the dataset")
     existing = [n for n in ("meta.json", "train.bin", "val.bin") if (out / n).exists()]
     if existing and not overwrite:
         raise UserError(f"{out} already holds a dataset ({', '.join(existing)}): pass --overwrite or choose another --out")
     sources = expand_inputs(inputs)
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {out} cannot be created: {describe_os_error(e)}") from None
+    for stale in out.glob(".*.tmp-*"):  # from a preparation killed while writing
+        stale.unlink(missing_ok=True)
+    try:
+        with _terminate_cleanly():
+            return _prepare(sources, inputs, out, tokenizer, val_fraction, workers, seed, text_field, progress)
+    except BaseException:
+        if created and not any(out.iterdir()):
+            out.rmdir()  # nothing half-made is left behind: not even an empty directory
+        raise
 
+
+@contextlib.contextmanager
+def _terminate_cleanly():
+    """SIGTERM raises SystemExit here (in the main thread), so the temporary files go away."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _prepare(sources, inputs, out: Path, tokenizer: str, val_fraction: float, workers: int, seed: int,
+             text_field: str, progress: bool | None) -> dict:
+    """The work of prepare(), into an existing `out`."""
     t0 = time.perf_counter()
     if tokenizer == "char":  # its vocabulary is the corpus's characters: one pass to collect them
         chars: set[str] = set()
@@ -317,7 +355,6 @@ def prepare(inputs: list[str], out: str | Path, tokenizer: str = "gpt2", *, val_
         tok = get_tokenizer(tokenizer)
     dtype = "uint16" if tok.vocab_size <= 1 << 16 else "uint32"
 
-    out.mkdir(parents=True, exist_ok=True)
     (out / "meta.json").unlink(missing_ok=True)  # an overwritten dataset is unfinished until the end
     counts = {s: {"tokens": 0, "documents": 0} for s in SPLITS}
     files = [s for s in sources if isinstance(s, Input)]
@@ -447,7 +484,7 @@ def ensure_prepared(corpus_dir: str | Path, tokenizer: str, *, val_fraction: flo
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m gpt.prepare", description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog="python -m gpt.prepare", description=__doc__.split("\n\n")[0],
                                 epilog="INPUT: files, .gz/.bz2/.xz files, .jsonl files, directories, globs, hf:NAME[:SUBSET]")
     p.add_argument("inputs", nargs="+", metavar="INPUT")
     p.add_argument("--out", required=True, help="directory for train.bin, val.bin, meta.json")

@@ -252,6 +252,8 @@ def stream(model: GPT, idx: torch.Tensor, max_new_tokens: int, sampling: Samplin
     """
     if max_new_tokens < 1:
         raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if sampling is not None and settings:
+        raise TypeError(f"give the decoding settings as a SamplingConfig or as keywords, not both: {sorted(settings)}")
     sampling = sampling or SamplingConfig(**settings)
     contrastive, sample = sampling.contrastive, sampling.sample
     processors = sampling.processors()

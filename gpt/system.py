@@ -26,8 +26,9 @@ from gpt.errors import UserError
 # ---- device and precision -------------------------------------------------------------------
 
 
-def pick_device(name: str) -> torch.device:
-    """"auto" (cuda, then mps, then cpu) or a torch device name; under torchrun, this process's GPU."""
+def pick_device(name: str, setting: str = "--device") -> torch.device:
+    """"auto" (cuda, then mps, then cpu) or a torch device name; under torchrun, this process's GPU.
+    setting: what named the device, for the error message."""
     if name == "auto":
         if torch.cuda.is_available():
             name = "cuda"
@@ -39,7 +40,7 @@ def pick_device(name: str) -> torch.device:
         device = torch.device(name)
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as e:
-        raise UserError(f"device {name!r} is not usable here ({str(e).splitlines()[0]}): use \"auto\" or \"cpu\"") from None
+        raise UserError(f"{setting} {name!r} is not usable here ({str(e).splitlines()[0]}): use \"auto\" or \"cpu\"") from None
     if device.type == "cuda" and "RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return device

@@ -35,7 +35,8 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from gpt.checkpoint import BEST, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from gpt.atomic import atomic_path
+from gpt.checkpoint import BEST, load_checkpoint, previous_checkpoints, rng_state, save_checkpoint, set_rng_state
 from gpt.config import Config, OptimConfig, save_config
 from gpt.errors import UserError
 from gpt.system import all_reduce_sum, autocast, barrier, pick_device, pick_dtype, start_processes, to_device
@@ -95,9 +96,9 @@ class TrainState:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore; a best chosen by another metric (the task's setting changed) starts over."""
-        metric = self.best_metric
+        metric, defaults = self.best_metric, TrainState()
         for name in ("iter", "best", "best_metric", "evals_since_best", "wandb_id"):
-            setattr(self, name, state.get(name))
+            setattr(self, name, state.get(name, getattr(defaults, name)))
         if self.best_metric != metric:
             self.best_metric, self.best, self.evals_since_best = metric, None, 0
 
@@ -113,8 +114,10 @@ class TrainState:
 
 
 class Trainer:
-    def __init__(self, cfg: Config):
-        self._start_system(cfg)
+    def __init__(self, cfg: Config, overwrite: bool = False):
+        """overwrite: a new run may start in an out_dir that holds another run's checkpoints
+        (they are removed once this run has set up); without it, that is refused."""
+        self._start_system(cfg, overwrite)
         self.task: Task = TASKS[cfg.run.task](cfg, self.procs)  # the data, read and checked
         checkpoint = self._build_model(cfg)
         self._build_optimizer()
@@ -125,15 +128,18 @@ class Trainer:
 
     # ---- setup stages, in order ------------------------------------------------------------------
 
-    def _start_system(self, cfg: Config) -> None:
-        """Where to run: device, processes, precision; and a writable out_dir."""
+    def _start_system(self, cfg: Config, overwrite: bool) -> None:
+        """Where to run: device, processes, precision; and a writable out_dir that holds no
+        other run (unless overwrite)."""
         self.cfg = cfg
-        self.device = pick_device(cfg.system.device)
+        self.device = pick_device(cfg.system.device, "system.device")
         self.procs = start_processes(self.device)
         self.dtype = pick_dtype(cfg.system.dtype, self.device)
         if self.device.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32 matmuls
         self.out_dir = Path(cfg.run.out_dir)
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise UserError(f"run.out_dir {self.out_dir} is a file: name a directory for the run")
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             probe = self.out_dir / f".write-test-{os.getpid()}"
@@ -144,6 +150,11 @@ class Trainer:
         if self.procs.is_main:
             for stale in self.out_dir.glob(".*.tmp-*"):  # from a run killed while writing
                 stale.unlink(missing_ok=True)
+        previous = previous_checkpoints(self.out_dir)
+        if previous and cfg.run.init_from != "resume" and not overwrite:
+            raise UserError(f"run.out_dir {self.out_dir} holds another run ({', '.join(p.name for p in previous[:3])}"
+                            f"{' ...' if len(previous) > 3 else ''}): continue it with --resume, start again there "
+                            f"with --overwrite, or choose another run.out_dir")
 
     def _build_model(self, cfg: Config) -> dict | None:
         """The task's network from run.init_from, on the device; returns the checkpoint to resume."""
@@ -198,28 +209,41 @@ class Trainer:
         self.stop_requested, self.tokens_since_log = False, 0
         if not self.procs.is_main:
             return
+        self._start_wandb()  # the last thing that can fail: before anything is removed
         if not resumed:
             self._clear_previous_run()
         save_config(self.cfg, self.out_dir / "config.toml")
         self._trim_metrics()
-        self._start_wandb()
 
     def _clear_previous_run(self) -> None:
-        """A new run in a used out_dir: the old checkpoints would mix with the new ones."""
-        previous = [*self.out_dir.glob("ckpt*.pt"), *self.out_dir.glob(BEST)]
+        """A new run (--overwrite) in a used out_dir: its checkpoints and metrics go, now that
+        this run has set up; they would mix with the new ones."""
+        previous = previous_checkpoints(self.out_dir)
         for path in previous:
             path.unlink()
+        self.metrics.unlink(missing_ok=True)
         if previous:
             print(f"note: starting a new run in {self.out_dir}: removed the previous run's "
-                  f"{len(previous)} checkpoint file(s) (use --resume to continue a run instead)")
+                  f"{len(previous)} checkpoint file(s)")
 
     def _trim_metrics(self) -> None:
-        """On resume, forget records written after the checkpoint (they are about to be redone)."""
+        """On resume, forget records written after the checkpoint (they are about to be redone),
+        and a torn last line (a run killed, or a full disk, in the middle of writing it)."""
         if not self.metrics.exists():
             return
-        lines = self.metrics.read_text().splitlines()
-        kept = [line for line in lines if line and json.loads(line)["iter"] <= self.start_iter]
-        self.metrics.write_text("".join(line + "\n" for line in kept))
+        kept, torn = [], 0
+        for line in self.metrics.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                torn += 1
+                continue
+            if record.get("iter", 0) <= self.start_iter:
+                kept.append(line)
+        if torn:
+            print(f"note: dropped {torn} damaged line(s) of {self.metrics}")
+        with atomic_path(self.metrics) as tmp:
+            tmp.write_text("".join(line + "\n" for line in kept))
 
     def _start_wandb(self) -> None:
         if not self.cfg.log.wandb:
@@ -229,8 +253,14 @@ class Trainer:
         except ImportError:
             raise UserError("log.wandb = true but wandb is not installed: pip install 'gpt[wandb]', "
                             "or set log.wandb = false") from None
-        self.wandb = wandb.init(project=self.cfg.log.wandb_project, name=self.cfg.log.wandb_run_name or self.out_dir.name,
-                                config=self.cfg.to_dict(), dir=str(self.out_dir), id=self.state.wandb_id, resume="allow")
+        try:
+            self.wandb = wandb.init(project=self.cfg.log.wandb_project, config=self.cfg.to_dict(),
+                                    name=self.cfg.log.wandb_run_name or self.out_dir.name, dir=str(self.out_dir),
+                                    id=self.state.wandb_id, resume="allow")
+        except Exception as e:  # not logged in, no network, a bad project name: all the user's to fix
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"wandb could not start ({reason}): run `wandb login`, set WANDB_MODE=offline, "
+                            f"or set log.wandb = false") from None
         self.state.wandb_id = self.wandb.id
 
     # ---- the loop ------------------------------------------------------------------------------
@@ -256,6 +286,10 @@ class Trainer:
 
     def _loop(self) -> None:
         cfg, state = self.cfg, self.state
+        if state.iter >= cfg.run.max_iters and self.start_iter == state.iter and not self.resumed_before_eval:
+            self.procs.note(f"the run already finished at iteration {state.iter} (run.max_iters): "
+                            f"to train on, resume with a larger --run.max_iters")
+            return
         t_last, iters_since_log, evaluated_at = time.perf_counter(), 0, None
         self.tokens_since_log = 0
         while state.iter < cfg.run.max_iters:

@@ -37,3 +37,10 @@ def fails_with(capsys, argv, message):
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and err.startswith("error: ") and len(err.splitlines()) == 1, err
     assert message in err, err
+
+
+def last_wins(argv: list[str]) -> list[str]:
+    """Test helpers put defaults first and a test's own settings after; train.py refuses a key
+    given twice, so keep only the last --key=value of each key."""
+    keys = [a.split("=", 1)[0] for a in argv]
+    return [a for i, a in enumerate(argv) if not a.startswith("--") or "=" not in a or keys[i] not in keys[i + 1:]]

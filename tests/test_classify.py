@@ -14,7 +14,7 @@ from gpt import GPT, GPTConfig
 from gpt.checkpoint import load_checkpoint
 from gpt.model import GPTClassifier, pad_sequences
 
-from conftest import ROOT, fails_with
+from conftest import ROOT, fails_with, last_wins
 
 SMS = ROOT / "data" / "sms_spam" / "sms-spam.csv"
 TINY = ["--run.task=classify", "--model.n_layer=2", "--model.n_head=2", "--model.n_embd=32", "--model.block_size=48",
@@ -33,7 +33,8 @@ def sms_slice(tmp_path, n=800):
 
 
 def args(train_file, out_dir, *more):
-    return [f"--classify.train_file={train_file}", f"--run.out_dir={out_dir}", "--classify.label_column=spam", *TINY, *more]
+    return last_wins([f"--classify.train_file={train_file}", f"--run.out_dir={out_dir}", "--classify.label_column=spam",
+                      *TINY, *more])
 
 
 def evals(out_dir):

@@ -15,7 +15,7 @@ import train
 from gpt.checkpoint import load_checkpoint, save_checkpoint
 from gpt.prepare import prepare
 
-from conftest import ROOT, fails_with
+from conftest import ROOT, fails_with, last_wins
 
 TINY = [
     "--model.n_layer=2", "--model.n_head=2", "--model.n_embd=32", "--model.block_size=32", "--model.vocab_multiple=1",
@@ -30,7 +30,7 @@ def data_dir(char_data):
 
 
 def args(data_dir, out_dir, *more):
-    return ["--data.dir=" + str(data_dir), "--run.out_dir=" + str(out_dir), *TINY, *more]
+    return last_wins(["--data.dir=" + str(data_dir), "--run.out_dir=" + str(out_dir), *TINY, *more])
 
 
 def metrics(out_dir):
@@ -80,11 +80,10 @@ def test_resume_is_bit_exact_on_cpu(data_dir, tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_equal_one_with_the_same_global_batch(data_dir, tmp_path):
-    common = args(data_dir, tmp_path, "--max_iters=6", "--batch.tokens_per_step=256")  # 4 x 32 x 2
-    one = run_cli("train.py", *common, "--run.out_dir=" + str(tmp_path / "one"))
+    one = run_cli("train.py", *args(data_dir, tmp_path / "one", "--max_iters=6", "--batch.tokens_per_step=256"))  # 4 x 32 x 2
     assert one.returncode == 0, one.stderr
-    two = run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *common,
-                  "--run.out_dir=" + str(tmp_path / "two"), env={"OMP_NUM_THREADS": "1"})
+    two = run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+                  *args(data_dir, tmp_path / "two", "--max_iters=6", "--batch.tokens_per_step=256"), env={"OMP_NUM_THREADS": "1"})
     assert two.returncode == 0, two.stderr[-4000:]
     assert "2 process(es), 256 tokens per step (4 x 32 x 1 accumulation x 2)" in two.stdout
     assert "1 process(es), 256 tokens per step (4 x 32 x 2 accumulation x 1)" in one.stdout
@@ -150,7 +149,12 @@ def test_schedules_and_fresh_start_in_a_used_out_dir(data_dir, tmp_path, capsys)
     train.main(args(data_dir, out, "--max_iters=6", "--optim.schedule=wsd", "--optim.decay_iters=2"))
     lrs = [r["lr"] for r in metrics(out) if "loss" in r]
     assert lrs[0] < lrs[1] < lrs[2] == lrs[3] == lrs[4] == 3e-3 > lrs[5]  # warmup, stable, decay
-    train.main(args(data_dir, out, "--max_iters=2", "--optim.schedule=constant"))
+    capsys.readouterr()
+    fails_with(capsys, args(data_dir, out, "--max_iters=2", "--optim.schedule=constant"),  # a forgotten --resume
+               f"run.out_dir {out} holds another run (best.pt, ckpt-0000004.pt, ckpt-0000006.pt ...): continue it "
+               f"with --resume, start again there with --overwrite")
+    assert load_checkpoint(out / "ckpt.pt")["iter"] == 6  # nothing was removed
+    train.main(args(data_dir, out, "--max_iters=2", "--optim.schedule=constant", "--overwrite"))
     assert "removed the previous run's" in capsys.readouterr().out
     assert [r["iter"] for r in metrics(out) if "loss" in r] == [1, 2]
     assert load_checkpoint(out / "ckpt.pt")["iter"] == 2
@@ -202,7 +206,7 @@ def test_resume_without_a_checkpoint(data_dir, tmp_path, capsys):
 def test_resume_with_a_different_architecture_names_the_field(data_dir, tmp_path, capsys):
     train.main(args(data_dir, tmp_path / "run", "--max_iters=2"))
     fails_with(capsys, args(data_dir, tmp_path / "run", "--max_iters=4", "--model.n_layer=3", "--resume"),
-               "has model.n_layer = 2, but the config says 3")
+               "--model.n_layer=3 would change the resumed run (it has 2)")
 
 
 def test_data_directory_not_prepared(tmp_path, capsys):

@@ -16,11 +16,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable, ClassVar, Protocol
 
-if TYPE_CHECKING:  # annotations only: these modules sit above or beside this one
+if TYPE_CHECKING:  # annotations only
     import torch
     import torch.nn as nn
 
-    from gpt.config import Config
     from gpt.init import Start
     from gpt.system import Processes
 
@@ -32,8 +31,10 @@ class Task(Protocol):
     eval_splits: tuple[str, ...]  # evaluated every eval.eval_interval iterations
     final_splits: tuple[str, ...]  # evaluated once at the end, with best.pt's weights
 
-    def __init__(self, cfg: Config, procs: Processes) -> None:
-        """Read and check the data (every task takes the same arguments)."""
+    def __init__(self, cfg, procs: Processes) -> None:
+        """Read and check the data (every task takes the same arguments). cfg is the run's
+        gpt.config.Config (not imported here: config.py sits above the tasks, reading their
+        Settings), so a task reads its settings as cfg.SECTION.KEY."""
 
     def build_model(self) -> tuple[nn.Module, Start]:
         """The network to train, built from run.init_from, and where it came from (Start:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import csv
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import numpy as np
 import torch
@@ -29,9 +29,6 @@ from gpt.model import GPTClassifier, pad_sequences
 from gpt.prepare import jsonl_records
 from gpt.system import Processes, to_device
 from gpt.tokenizer import Tokenizer, get_tokenizer
-
-if TYPE_CHECKING:
-    from gpt.config import Config
 
 
 BEST_METRICS = ("val_loss", "accuracy", "macro_f1")
@@ -66,22 +63,25 @@ class ClassifyConfig:
 # ---- labelled data ----------------------------------------------------------------------------------
 
 
-def read_labeled(path: str | Path, text_column: str, label_column: str | None) -> tuple[list[str], list, int]:
+def read_labeled(path: str | Path, text_column: str, label_column: str | None,
+                 setting: str = "classify.train_file") -> tuple[list[str], list, int]:
     """(texts, labels, skipped) from a CSV, TSV or JSON Lines file with a header / keys.
 
     Labels are kept as strings ("1" and 1 are the same label); label_column None reads
     texts only (labels are then None). Rows whose text is empty are skipped and counted.
-    Errors name the file and line.
+    Errors name the file and line; `setting` is what named the file (for messages).
     """
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"labelled data file {path} does not exist: check classify.train_file / val_file / test_file")
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise UserError(f"{setting}: {path} {what}: name a CSV, TSV or JSON Lines file")
     rows = _jsonl_rows(path) if ".jsonl" in path.suffixes else _csv_rows(path)
     texts, labels, skipped = [], [], 0
     for where, row in rows:
         missing = [c for c in (text_column, label_column) if c is not None and c not in row]
         if missing:
-            raise UserError(f"{where}: no column {missing[0]!r} (columns found: {', '.join(map(str, row))}): "
+            found = excerpt(", ".join(map(str, row)))
+            raise UserError(f"{where}: no column {missing[0]!r} (columns found: {found}): "
                             f"name the right text and label columns")
         text = row[text_column]
         if text is None or not str(text).strip():
@@ -95,6 +95,12 @@ def read_labeled(path: str | Path, text_column: str, label_column: str | None) -
     if not texts:
         raise UserError(f"{path} holds no rows with text")
     return texts, labels, skipped
+
+
+def excerpt(text: str, limit: int = 80) -> str:
+    """A short, printable piece of untrusted text for an error line (escapes, then cut)."""
+    shown = text.encode("unicode_escape").decode("ascii")
+    return shown if len(shown) <= limit else shown[:limit] + "..."
 
 
 def _csv_rows(path: Path):
@@ -167,7 +173,7 @@ class ClassificationData:
 class Classification:
     Settings = ClassifyConfig
 
-    def __init__(self, cfg: Config, procs: Processes):
+    def __init__(self, cfg, procs: Processes):  # cfg: the run's gpt.config.Config
         c = cfg.classify
         self.cfg, self.settings, self.procs = cfg, c, procs
         self.best_metric, self.higher_is_better = c.best_metric, c.best_metric != "val_loss"
@@ -175,7 +181,8 @@ class Classification:
             raise UserError('run.task = "classify" needs classify.train_file (a CSV, TSV or JSONL file)')
         texts, labels, skipped = read_labeled(c.train_file, c.text_column, c.label_column)
         if c.val_file:
-            val_texts, val_labels, skipped_val = read_labeled(c.val_file, c.text_column, c.label_column)
+            val_texts, val_labels, skipped_val = read_labeled(c.val_file, c.text_column, c.label_column,
+                                                              "classify.val_file")
             skipped += skipped_val
         else:
             train_rows, val_rows = stratified_split(labels, c.val_fraction, cfg.run.seed)
@@ -188,7 +195,8 @@ class Classification:
             raise UserError(f"{c.train_file} has a single label ({self.labels[0]!r}): classification needs two or more")
         self.raw = {"train": (texts, labels), "val": (val_texts, val_labels)}
         if c.test_file:
-            test_texts, test_labels, skipped_test = read_labeled(c.test_file, c.text_column, c.label_column)
+            test_texts, test_labels, skipped_test = read_labeled(c.test_file, c.text_column, c.label_column,
+                                                                 "classify.test_file")
             self.raw["test"] = (test_texts, test_labels)
             skipped += skipped_test
         for split, (_, split_labels) in self.raw.items():

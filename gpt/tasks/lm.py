@@ -9,7 +9,7 @@ fixed set of windows of each split (eval.eval_iters batches).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 
@@ -21,16 +21,13 @@ from gpt.prepare import ensure_prepared
 from gpt.system import Processes, barrier, to_device
 from gpt.tokenizer import TOKENIZERS, from_spec
 
-if TYPE_CHECKING:
-    from gpt.config import Config
-
 
 class LanguageModeling:
     Settings = None  # data, model and batch settings are the common sections
     best_metric, higher_is_better = "val_loss", False
     eval_splits, final_splits = ("train", "val"), ()
 
-    def __init__(self, cfg: Config, procs: Processes):
+    def __init__(self, cfg, procs: Processes):  # cfg: the run's gpt.config.Config
         self.cfg, self.procs = cfg, procs
         data_dir = Path(cfg.data.dir)
         shipped = data_dir.name in TOKENIZERS and (data_dir.parent / "texts").is_dir()
@@ -47,9 +44,8 @@ class LanguageModeling:
         cfg = self.cfg
         start = initial_model(cfg, scratch_tokenizer=lambda: from_spec(self.tokenizer_spec), vocab_source=cfg.data.dir,
                               note=self.procs.note)
-        if start.tokenizer.spec() != self.tokenizer_spec:
-            raise UserError(f"{start.source} reads {start.tokenizer.name} tokens, but {cfg.data.dir} holds "
-                            f"{self.tokenizer_spec['name']} tokens: use data prepared with the model's tokenizer")
+        if start.source != "scratch":  # weights trained on some tokens
+            self._check_tokenizer(start)
         self.T, self.batch_size = start.model.config.block_size, cfg.batch.batch_size
         for data in self.data.values():
             data.check(self.T, start.model.config.vocab_size)
@@ -62,6 +58,13 @@ class LanguageModeling:
             for split, data in self.data.items()
         }
         return start.model, start
+
+    def _check_tokenizer(self, start: Start) -> None:
+        """Weights trained on other tokens than the data's would read it as noise."""
+        theirs, ours = start.tokenizer, from_spec(self.tokenizer_spec)
+        if theirs.spec() != ours.spec():
+            raise UserError(f"{start.source} reads {theirs.name} tokens ({theirs.vocab_size} ids), but {self.cfg.data.dir} "
+                            f"holds {ours.name} tokens ({ours.vocab_size} ids): use data prepared with the model's tokenizer")
 
     # ---- training ------------------------------------------------------------------------------------
 
