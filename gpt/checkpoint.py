@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 
 from gpt.atomic import atomic_path
-from gpt.errors import UserError
+from gpt.errors import UserError, describe_os_error, free_space
 from gpt.model import GPT, GPTClassifier, GPTConfig
 from gpt.tokenizer import Tokenizer, from_spec
 
@@ -85,8 +85,16 @@ def save_checkpoint(state: dict, out_dir: str | Path, *, keep_last: int, is_best
     """Write ckpt-ITER.pt, point ckpt.pt (and best.pt if is_best) at it, drop old ones."""
     out_dir = Path(out_dir)
     path = out_dir / f"ckpt-{state['iter']:07d}.pt"
-    with atomic_path(path) as tmp:
-        torch.save({"format_version": FORMAT_VERSION, **state}, tmp)
+    try:
+        with atomic_path(path) as tmp:
+            torch.save({"format_version": FORMAT_VERSION, **state}, tmp)
+    except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as a RuntimeError
+        if isinstance(e, RuntimeError) and "writ" not in str(e).lower():
+            raise  # not a failed write: a bug
+        reason = describe_os_error(e) if isinstance(e, OSError) else "the write failed"
+        free = free_space(str(out_dir))
+        raise UserError(f"cannot write a checkpoint in {out_dir} ({reason}; {free or 'unknown'} free there): free some "
+                        f"space and resume with --resume; the previous {LATEST} is intact") from None
     _link(path, out_dir / LATEST)
     if is_best:
         _link(path, out_dir / BEST)

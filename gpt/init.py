@@ -25,10 +25,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from gpt.checkpoint import BEST, LATEST, check_task, find_checkpoint, gpt_from_checkpoint, load_checkpoint
 from gpt.errors import UserError
 from gpt.hf import HUB_MODELS, from_pretrained
-from gpt.model import GPT
+from gpt.model import GPT, GPTConfig
+from gpt.system import check_fits
 from gpt.tokenizer import Tokenizer, from_spec, get_tokenizer
 
 @dataclass
@@ -40,13 +43,15 @@ class Start:
 
 
 def initial_model(cfg, *, scratch_tokenizer: Callable[[], Tokenizer], vocab_source: str,
-                  scratch_if_missing: bool = False, note: Callable[[str], None] = print) -> Start:
+                  scratch_if_missing: bool = False, note: Callable[[str], None] = print, device=None) -> Start:
     """The GPT that run.init_from names (see the module docstring). cfg: a gpt.config.Config.
 
     scratch_tokenizer: the task's tokenizer for a model trained from scratch (called only then);
     vocab_source: where that vocabulary comes from, for messages; scratch_if_missing: a
-    run.init_from that names a missing local path trains from scratch (with a note).
+    run.init_from that names a missing local path trains from scratch (with a note); device:
+    where it will train (a model too large to train there is refused before it is allocated).
     """
+    device = torch.device(device or "cpu")
     init = cfg.run.init_from
     kind = init_kind(init, scratch_if_missing)
     if kind == "missing":
@@ -61,12 +66,15 @@ def initial_model(cfg, *, scratch_tokenizer: Callable[[], Tokenizer], vocab_sour
         if cfg.is_set("model.vocab_size") and cfg.model.vocab_size != tokenizer.vocab_size:
             raise UserError(f"model.vocab_size = {cfg.model.vocab_size}, but {vocab_source} has {tokenizer.vocab_size} "
                             f"token ids: remove model.vocab_size (it comes from the tokenizer) or use the right tokenizer")
-        return Start(GPT(replace(cfg.model, vocab_size=tokenizer.vocab_size)), tokenizer, None, "scratch")
+        config = replace(cfg.model, vocab_size=tokenizer.vocab_size)
+        check_fits(config.parameter_count(), device)
+        return Start(GPT(config), tokenizer, None, "scratch")
 
     if kind == "resume":
         path = find_checkpoint(cfg.run.out_dir, note)
         ckpt = load_checkpoint(path)
         check_task(ckpt, path, cfg.run.task)
+        check_fits(GPTConfig(**ckpt["model_config"]).parameter_count(), device, f"the model in {path}")
         model = _checked(gpt_from_checkpoint(ckpt, _dropout(cfg)), cfg, f"the checkpoint in {cfg.run.out_dir}", may_crop=False)
         return Start(model, from_spec(ckpt["tokenizer"]), ckpt, str(path))
 
@@ -74,6 +82,7 @@ def initial_model(cfg, *, scratch_tokenizer: Callable[[], Tokenizer], vocab_sour
         path = our_checkpoint(init)
         ckpt = load_checkpoint(path)
         check_task(ckpt, path, "lm", hint="start from a language model's run directory or .pt file")
+        check_fits(GPTConfig(**ckpt["model_config"]).parameter_count(), device, f"the model in {path}")
         model = gpt_from_checkpoint(ckpt, _dropout(cfg))
         model.load_state_dict(ckpt["model"])
         note(f"backbone: the language model in {path} (iteration {ckpt['iter']})")

@@ -66,6 +66,13 @@ class GPTConfig:
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
+    def parameter_count(self) -> int:
+        """The numbers GPT(config) allocates (padded vocabulary included), without allocating."""
+        C, b = self.n_embd, int(self.bias)
+        norm = C * (1 + b)
+        block = 2 * norm + (3 * C * C + 3 * C * b) + (C * C + C * b) + (4 * C * C + 4 * C * b) + (4 * C * C + C * b)
+        return self.padded_vocab_size * C + self.block_size * C + self.n_layer * block + norm
+
 
 class KVCache:
     """Keys and values of every layer for the tokens seen so far, preallocated to block_size.

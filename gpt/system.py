@@ -70,6 +70,37 @@ def to_device(batch: tuple[torch.Tensor, ...], device: torch.device | str) -> tu
     return tuple(t.to(device) for t in batch)
 
 
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on `device`: free GPU memory, or the RAM the operating
+    system says is available (None where unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                fields = dict(line.split(":", 1) for line in f)
+            return int(fields["MemAvailable"].split()[0]) * 1024
+        except (OSError, KeyError, ValueError):
+            try:
+                return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            except (ValueError, OSError, AttributeError):
+                return None
+    return None
+
+
+TRAINING_BYTES_PER_PARAMETER = 16  # fp32 weights, gradients, and AdamW's two moments
+
+
+def check_fits(parameters: int, device: torch.device, what: str = "the model") -> None:
+    """Refuse, before allocating, a model whose weights, gradients and optimiser state alone
+    (16 bytes per parameter; activations come on top) exceed what `device` has free."""
+    need, free = parameters * TRAINING_BYTES_PER_PARAMETER, available_memory(device)
+    if free is not None and need > free:
+        raise UserError(f"{what} has {parameters / 1e9:.2f}B parameters: training needs at least {need / 2**30:,.1f} GiB "
+                        f"(weights, gradients, AdamW state; 16 bytes each), but {device} has {free / 2**30:,.1f} GiB "
+                        f"free: make the model smaller (n_layer, n_embd)")
+
+
 # ---- processes (torchrun) ------------------------------------------------------------------------
 
 

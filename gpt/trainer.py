@@ -48,6 +48,10 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or inf: the run stops (train.py exits with status 1)."""
 
 
+class _Stopped(Exception):
+    """A stop was requested in the middle of an evaluation: it is dropped, the run saves."""
+
+
 # ---- optimisation -------------------------------------------------------------------------
 
 
@@ -159,7 +163,7 @@ class Trainer:
     def _build_model(self, cfg: Config) -> dict | None:
         """The task's network from run.init_from, on the device; returns the checkpoint to resume."""
         torch.manual_seed(cfg.run.seed)  # the same initial weights in every process
-        model, start = self.task.build_model()
+        model, start = self.task.build_model(self.device)
         self.model = model.to(self.device)  # the network: what is saved, loaded and measured
         self.cfg = dataclasses.replace(self.cfg, model=model.config)  # the resolved architecture
         if start.checkpoint is not None:  # config.toml keeps the run's original init_from
@@ -206,7 +210,7 @@ class Trainer:
         self.start_iter = self.state.iter
         self.metrics = self.out_dir / "metrics.jsonl"
         self.wandb = None
-        self.stop_requested, self.tokens_since_log = False, 0
+        self.stop_requested, self.tokens_since_log, self.phase = False, 0, "training"
         if not self.procs.is_main:
             return
         self._start_wandb()  # the last thing that can fail: before anything is removed
@@ -294,7 +298,8 @@ class Trainer:
         self.tokens_since_log = 0
         while state.iter < cfg.run.max_iters:
             if state.iter % cfg.eval.eval_interval == 0 and (state.iter != self.start_iter or self.resumed_before_eval):
-                self.evaluate_and_save()
+                if not self.evaluate_and_save():
+                    return
                 evaluated_at = state.iter
                 t_last, iters_since_log, self.tokens_since_log = time.perf_counter(), 0, 0  # not step time
             if cfg.eval.early_stopping and state.evals_since_best >= cfg.eval.early_stopping:
@@ -303,7 +308,13 @@ class Trainer:
                 evaluated_at = state.iter if evaluated_at is None else evaluated_at
                 break
             lr = lr_at(state.iter, cfg.optim, cfg.run.max_iters)
-            loss, grad_norm, stop = self.step(lr)
+            result = self.step(lr)
+            if result is None:  # a stop request between micro-steps: the step was dropped
+                self.procs.note(f"stopping at iteration {state.iter} (signal received; the unfinished step is "
+                                f"dropped): writing a checkpoint")
+                self.save(metrics=None)
+                return
+            loss, grad_norm, stop = result
             state.iter += 1
             iters_since_log += 1
             if state.iter % cfg.log.log_interval == 0 or state.iter == cfg.run.max_iters:
@@ -315,8 +326,8 @@ class Trainer:
                     print(f"stopping at iteration {state.iter} (signal received): writing a checkpoint")
                 self.save(metrics=None)
                 return
-        if evaluated_at != state.iter:
-            self.evaluate_and_save()
+        if evaluated_at != state.iter and not self.evaluate_and_save():
+            return
         self.final_evaluation()
         if self.procs.is_main:
             print(f"done: {state.iter} iterations, best {state.best_metric} {state.best:.4f}, "
@@ -326,16 +337,29 @@ class Trainer:
 
                 plot_metrics(self.metrics, self.out_dir / "loss.png")
 
-    def step(self, lr: float) -> tuple[float, float, bool]:
+    def step(self, lr: float) -> tuple[float, float, bool] | None:
         """One optimiser step over grad_accum micro-batches in each process.
 
         Returns the mean loss over all of them, the gradient norm before clipping, and
-        whether any process was asked to stop.
+        whether any process was asked to stop. In a single process, a stop request between
+        micro-steps drops the step (None): data position and random generators are put back,
+        so a resumed run takes the same step exactly.
         """
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        droppable = self.procs.world_size == 1 and self.grad_accum > 1
+        if droppable:
+            before = (self.task.state_dict(), torch.get_rng_state(),
+                      torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None)
         total = torch.zeros((), device=self.device)
         for micro in range(self.grad_accum):
+            if droppable and micro > 0 and self.stop_requested:
+                self.optimizer.zero_grad(set_to_none=True)
+                self.task.load_state_dict(before[0])
+                torch.set_rng_state(before[1])
+                if before[2] is not None:
+                    torch.cuda.set_rng_state_all(before[2])
+                return None
             batch = to_device(self.task.next_batch(), self.device)
             self.tokens_since_log += batch[0].numel() * self.procs.world_size
             last = micro == self.grad_accum - 1
@@ -368,26 +392,46 @@ class Trainer:
     def _autocast(self):
         return autocast(self.device, self.dtype)
 
+    def _eval_batch(self):
+        """The context of one evaluation batch: mixed precision, after a check for a stop request
+        (one process only: under torchrun the processes agree on stopping after the evaluation)."""
+        if self.stop_requested and self.procs.world_size == 1:
+            raise _Stopped
+        return self._autocast()
+
     # ---- evaluation and checkpoints ---------------------------------------------------------------
 
     def evaluate(self, splits: tuple[str, ...]) -> tuple[dict, str]:
         """The task's evaluation of `splits`, summed over all processes: (metrics, a line to print)."""
         self.compiled.eval()
-        sums = {split: self.task.evaluate(self.compiled, split, self.device, self._autocast) for split in splits}
-        self.compiled.train()
+        self.phase = "evaluation"
+        try:
+            sums = {split: self.task.evaluate(self.compiled, split, self.device, self._eval_batch) for split in splits}
+        finally:
+            self.phase = "training"
+            self.compiled.train()
         for split_sums in sums.values():
             for value in split_sums.values():
                 all_reduce_sum(value)
         return self.task.summarize(sums)
 
-    def evaluate_and_save(self) -> None:
-        metrics, line = self.evaluate(self.task.eval_splits)
+    def evaluate_and_save(self) -> bool:
+        """Evaluate, log, checkpoint; False if a stop request cut the evaluation short (then a
+        checkpoint without metrics is written, and a resumed run evaluates first)."""
+        try:
+            metrics, line = self.evaluate(self.task.eval_splits)
+        except _Stopped:
+            self.procs.note(f"stopping at iteration {self.state.iter} (signal received during the evaluation): "
+                            f"writing a checkpoint")
+            self.save(metrics=None)
+            return False
         is_best = self.state.improves(metrics[self.state.best_metric], self.task.higher_is_better)
         lr = lr_at(max(self.state.iter - 1, 0), self.cfg.optim, self.cfg.run.max_iters)
         first, *rest = line.split("\n")
         self._record({"iter": self.state.iter, **metrics, "lr": lr},
                      "\n".join([f"eval {self.state.iter}: {first}" + (" (best)" if is_best else ""), *rest]))
         self.save(metrics=metrics, is_best=is_best)
+        return True
 
     def final_evaluation(self) -> None:
         """The task's final splits (e.g. a test set), with the best checkpoint's weights."""
@@ -396,7 +440,11 @@ class Trainer:
         barrier()  # best.pt is complete
         best = load_checkpoint(self.out_dir / BEST)
         self.model.load_state_dict(best["model"])
-        metrics, line = self.evaluate(self.task.final_splits)
+        try:
+            metrics, line = self.evaluate(self.task.final_splits)
+        except _Stopped:
+            self.procs.note("the final evaluation was stopped (signal received)")
+            return
         self._record({"iter": best["iter"], **metrics},
                      f"{'/'.join(self.task.final_splits)} (best checkpoint, iteration {best['iter']}): {line}")
 
@@ -452,7 +500,11 @@ class Trainer:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now
         self.stop_requested = True
         if self.procs.is_main:
-            print(f"\n{signal.Signals(signum).name}: finishing this step, then saving (Ctrl-C again to abort)", flush=True)
+            now = ("stopping after this evaluation batch" if self.phase == "evaluation" and self.procs.world_size == 1
+                   else "finishing this evaluation" if self.phase == "evaluation"
+                   else "stopping after this micro-step" if self.grad_accum > 1 and self.procs.world_size == 1
+                   else "finishing this step")
+            print(f"\n{signal.Signals(signum).name}: {now}, then saving (Ctrl-C again to abort)", flush=True)
 
 
 def _duration(seconds: float) -> str:

@@ -109,6 +109,12 @@ def test_label_map_round_trips_through_checkpoint_and_gpt_classify(tmp_path):
     preds = [json.loads(line) for line in (tmp_path / "pred.jsonl").read_text().splitlines()]
     assert len(preds) == len(rows) and {p["label"] for p in preds} <= {"negative", "positive"}
     assert sum(p["label"] == r["sentiment"] for p, r in zip(preds, rows)) / len(rows) > 0.9
+    # a failing run leaves an existing --output as it was, and a good one leaves no temporary file
+    before = (tmp_path / "pred.jsonl").read_text()
+    bad = subprocess.run([sys.executable, "-m", "gpt.classify", f"--out_dir={out}", f"--input={path}",
+                          f"--output={tmp_path / 'pred.jsonl'}", "--batch_size=0"], capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and (tmp_path / "pred.jsonl").read_text() == before
+    assert not list(tmp_path.glob(".pred.jsonl*"))
     lm_only = subprocess.run([sys.executable, "sample.py", f"--out_dir={out}"], capture_output=True, text=True, cwd=ROOT)
     assert lm_only.returncode == 2 and "is a classify checkpoint, not a language model" in lm_only.stderr
 

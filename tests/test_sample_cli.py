@@ -84,3 +84,10 @@ def test_bad_input_exits_2_with_one_line(run_dir, argv, message):
     assert run.returncode == 2 and run.stdout == ""
     assert run.stderr.startswith("error: ") and len(run.stderr.strip().splitlines()) == 1, run.stderr
     assert message in run.stderr, run.stderr
+
+
+def test_a_long_silent_run_says_so(run_dir):
+    """--no-stream prints nothing until the end: a long one says that first (to a log, not a terminal)."""
+    run = sample(f"--out_dir={run_dir}", "--max_new_tokens=2500", "--num_samples=1", "--no-stream", "--seed=3")
+    assert run.returncode == 0, run.stderr
+    assert "note: generating up to 2,500 tokens per sample without --stream" in run.stderr

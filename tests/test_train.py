@@ -99,7 +99,8 @@ def test_two_processes_equal_one_with_the_same_global_batch(data_dir, tmp_path):
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_the_run_resumes(data_dir, tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "train.py", *args(data_dir, out, "--max_iters=100000")],
+    proc = subprocess.Popen([sys.executable, "train.py", *args(data_dir, out, "--max_iters=100000",
+                                                               "--eval.eval_interval=100000")],  # the signal lands in a step
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not ((out / "metrics.jsonl").exists() and len(metrics(out)) >= 3):

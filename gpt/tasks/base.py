@@ -36,9 +36,10 @@ class Task(Protocol):
         gpt.config.Config (not imported here: config.py sits above the tasks, reading their
         Settings), so a task reads its settings as cfg.SECTION.KEY."""
 
-    def build_model(self) -> tuple[nn.Module, Start]:
-        """The network to train, built from run.init_from, and where it came from (Start:
-        the checkpoint to resume, if any). Afterwards the data is ready for its block_size."""
+    def build_model(self, device: torch.device) -> tuple[nn.Module, Start]:
+        """The network to train on `device`, built (on the CPU) from run.init_from, and where it
+        came from (Start: the checkpoint to resume, if any). Afterwards the data is ready for
+        its block_size."""
 
     def grad_accum(self) -> int:
         """Micro-batches per optimiser step in each process."""
@@ -53,8 +54,10 @@ class Task(Protocol):
         """The mean loss of a micro-batch on the device."""
 
     def evaluate(self, model: nn.Module, split: str, device: torch.device,
-                 autocast: Callable) -> dict[str, torch.Tensor]:
-        """Sums over this process's share of `split` (the Trainer adds up all processes)."""
+                 each_batch: Callable) -> dict[str, torch.Tensor]:
+        """Sums over this process's share of `split` (the Trainer adds up all processes).
+        Run each batch's forward inside `with each_batch():`: it applies mixed precision, and
+        it is where a stop request (Ctrl-C, SIGTERM) ends the evaluation."""
 
     def summarize(self, sums: dict[str, dict[str, torch.Tensor]]) -> tuple[dict, str]:
         """{split: sums} of all processes -> (metrics for metrics.jsonl, a line to print)."""

@@ -211,11 +211,11 @@ class Classification:
 
     # ---- the model -----------------------------------------------------------------------------------
 
-    def build_model(self) -> tuple[GPTClassifier, Start]:
+    def build_model(self, device) -> tuple[GPTClassifier, Start]:
         cfg, c = self.cfg, self.settings
         start = initial_model(cfg, scratch_tokenizer=lambda: get_tokenizer(c.tokenizer, text="".join(self.raw["train"][0])),
                               vocab_source=f"the {c.tokenizer} tokenizer", scratch_if_missing=c.scratch_if_missing,
-                              note=self.procs.note)
+                              note=self.procs.note, device=device)
         if start.checkpoint is not None and start.checkpoint["labels"] != self.labels:
             raise UserError(f"the checkpoint in {cfg.run.out_dir} has labels {start.checkpoint['labels']}, the data "
                             f"{self.labels}: resume with the same data")
@@ -257,14 +257,14 @@ class Classification:
     # ---- evaluation ----------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def evaluate(self, model, split: str, device, autocast: Callable) -> dict[str, torch.Tensor]:
+    def evaluate(self, model, split: str, device, each_batch: Callable) -> dict[str, torch.Tensor]:
         """Summed loss and the confusion matrix over this process's share of a split."""
         data, n = self.data[split], len(self.labels)
         mine = list(range(self.procs.rank, len(data), self.procs.world_size))
         loss, confusion = torch.zeros((), device=device), torch.zeros(n * n, device=device)
         for start in range(0, len(mine), self.batch_size):
             idx, mask, labels = to_device(data.batch(mine[start : start + self.batch_size], self.tokenizer.eot_token), device)
-            with autocast():
+            with each_batch():
                 logits, batch_loss = model(idx, mask, labels)
             loss += batch_loss.float() * len(labels)
             confusion += torch.bincount(labels * n + logits.argmax(-1), minlength=n * n).float()

@@ -40,10 +40,10 @@ class LanguageModeling:
 
     # ---- the model ---------------------------------------------------------------------------------
 
-    def build_model(self) -> tuple[GPT, Start]:
+    def build_model(self, device) -> tuple[GPT, Start]:
         cfg = self.cfg
         start = initial_model(cfg, scratch_tokenizer=lambda: from_spec(self.tokenizer_spec), vocab_source=cfg.data.dir,
-                              note=self.procs.note)
+                              note=self.procs.note, device=device)
         if start.source != "scratch":  # weights trained on some tokens
             self._check_tokenizer(start)
         self.T, self.batch_size = start.model.config.block_size, cfg.batch.batch_size
@@ -95,10 +95,10 @@ class LanguageModeling:
     # ---- evaluation ------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def evaluate(self, model, split: str, device, autocast: Callable) -> dict[str, torch.Tensor]:
+    def evaluate(self, model, split: str, device, each_batch: Callable) -> dict[str, torch.Tensor]:
         total = torch.zeros((), device=device)
         for indices in self.eval_batches[split]:
-            with autocast():
+            with each_batch():
                 total += model(*to_device(self.data[split].batch(indices, self.T), device))[1].float()
         return {"loss": total, "batches": torch.tensor(float(len(self.eval_batches[split])), device=device)}
 

@@ -1,0 +1,288 @@
+"""Bad inputs, table-driven: every command line a user can get wrong (train.py, sample.py,
+python -m gpt.prepare, python -m gpt.classify) exits with status 2 and one line naming the
+problem, leaves nothing half-written behind, and the Python API raises gpt.UserError.
+
+Each case: (name, command, argv or a function of the fixtures giving it, words the line must hold).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import sample
+import train
+from gpt import classify, prepare
+from gpt.errors import UserError
+
+from conftest import ROOT, last_wins
+
+TINY = ["--model.n_layer=1", "--model.n_head=2", "--model.n_embd=16", "--model.block_size=16", "--model.vocab_multiple=1",
+        "--batch.batch_size=2", "--eval.eval_interval=2", "--eval.eval_iters=1", "--log.log_interval=1",
+        "--log.plot=false", "--max_iters=2"]
+NOT_UTF8 = bytes([0xFF, 0xFE, 0x41])
+SMS_ROWS = "text,label\n" + "".join(f"{t},{lab}\n" for t, lab in [("win a prize now", "spam"), ("see you at six", "ham")] * 10)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, char_data):
+    """A tiny language-model run, a tiny classifier run, and their data, made once."""
+    root = tmp_path_factory.mktemp("bad_inputs")
+    lm = root / "lm"
+    train.main([f"--data.dir={char_data}", f"--run.out_dir={lm}", *TINY])
+    (root / "sms.csv").write_text(SMS_ROWS)
+    clf = root / "clf"
+    train.main([f"--run.out_dir={clf}", "--run.task=classify", f"--classify.train_file={root / 'sms.csv'}",
+                "--classify.tokenizer=byte", "--classify.val_fraction=0.2", *TINY])
+    return {"root": root, "data": char_data, "lm": lm, "clf": clf, "sms": root / "sms.csv"}
+
+
+class Case:
+    def __init__(self, tmp: Path, world: dict, monkeypatch):
+        self.tmp, self.w, self.env = tmp, world, monkeypatch
+
+    def file(self, name: str, content: str | bytes) -> Path:
+        path = self.tmp / name
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        return path
+
+    def lm_copy(self) -> Path:
+        """A copy of the language-model run (cases may damage it)."""
+        return Path(shutil.copytree(self.w["lm"], self.tmp / "lm"))
+
+    def data_copy(self) -> Path:
+        return Path(shutil.copytree(self.w["data"], self.tmp / "data"))
+
+    def train(self, *more) -> list[str]:
+        return last_wins([f"--data.dir={self.w['data']}", f"--run.out_dir={self.tmp / 'run'}", *TINY, *more])
+
+
+def _damaged_tokens(c: Case) -> list[str]:
+    data = c.data_copy()
+    tokens = np.memmap(data / "train.bin", dtype=np.uint16, mode="r+")
+    tokens[5] = 65000  # random bytes of the right size: an id far beyond the vocabulary
+    tokens.flush()
+    return c.train(f"--data.dir={data}")
+
+
+def _edited_vocab(c: Case) -> list[str]:
+    data = c.data_copy()
+    meta = json.loads((data / "meta.json").read_text())
+    meta["vocab_size"] = 10  # edited by hand: the file holds larger ids
+    (data / "meta.json").write_text(json.dumps(meta))
+    return c.train(f"--data.dir={data}")
+
+
+def _only_best(c: Case) -> list[str]:
+    run = c.lm_copy()
+    for path in run.glob("ckpt*.pt"):
+        path.unlink()
+    return ["--resume", f"--run.out_dir={run}"]
+
+
+def _classify_resume_in_lm_run(c: Case) -> list[str]:
+    run = c.lm_copy()
+    return ["--resume", f"--run.out_dir={run}", "--run.task=classify", f"--classify.train_file={c.w['sms']}"]
+
+
+TRAIN = [
+    ("unknown key", lambda c: c.train("--optim.lrr=1"), "unknown config key 'optim.lrr': did you mean 'optim.lr'?"),
+    ("wrong type", lambda c: c.train("--optim.lr=abc"), "optim.lr must be a number"),
+    ("out of range", lambda c: c.train("--optim.lr=-1"), "optim.lr must be positive"),
+    ("unknown section", lambda c: [str(c.file("c.toml", "[optimm]\nlr = 1\n"))], "unknown section [optimm]: did you mean [optim]?"),
+    ("missing config file", lambda c: [str(c.tmp / "none.toml")], "none.toml does not exist"),
+    ("config not UTF-8", lambda c: [str(c.file("c.toml", b"[run]\nout_dir = '" + NOT_UTF8 + b"'\n"))], "is not UTF-8 text"),
+    ("config not TOML", lambda c: [str(c.file("c.toml", "[run\n"))], "is not valid TOML"),
+    ("key given twice", lambda c: c.train() + ["--run.max_iters=3", "--run.max_iters=4"], "--run.max_iters is given twice"),
+    ("not key=value", lambda c: [str(c.file("c.toml", "")), "max_iters"], "cannot read argument 'max_iters'"),
+    ("forgotten --resume", lambda c: c.train(f"--run.out_dir={c.lm_copy()}"), "holds another run"),
+    ("resume and overwrite", lambda c: c.train("--resume", "--overwrite"), "give one of them"),
+    ("nothing to resume", lambda c: c.train("--resume"), "nothing to resume"),
+    ("resume changes lr", lambda c: ["--resume", f"--run.out_dir={c.lm_copy()}", "--optim.lr=1e-2"],
+     "would change the resumed run"),
+    ("resume changes model", lambda c: ["--resume", f"--run.out_dir={c.lm_copy()}", "--model.n_layer=3"],
+     "--model.n_layer=3 would change the resumed run (it has 1)"),
+    ("resume with only best.pt", _only_best, "has no ckpt.pt (only best.pt): copy best.pt to ckpt.pt"),
+    ("classify config on an lm run", _classify_resume_in_lm_run, "holds a lm run, but run.task = 'classify'"),
+    ("data not prepared", lambda c: c.train(f"--data.dir={c.tmp / 'nowhere'}"), "has no meta.json"),
+    ("token ids beyond the vocabulary", _damaged_tokens, "holds token id 65,000"),
+    ("meta.json vocab edited", _edited_vocab, "differs from the data's (10, char tokenizer"),
+    ("out_dir is a file", lambda c: c.train(f"--run.out_dir={c.file('f', 'x')}"), "is a file: name a directory"),
+    ("out_dir under a file", lambda c: c.train(f"--run.out_dir={c.file('f', 'x') / 'run'}"), "cannot be written"),
+    ("batch not divisible", lambda c: c.train("--batch.tokens_per_step=1000"), "must be a multiple of"),
+    ("model too large", lambda c: c.train("--model.n_embd=200000", "--model.n_head=2"),
+     "training needs at least"),
+    ("unknown task", lambda c: c.train("--run.task=qa"), "run.task must be one of lm, classify"),
+    ("classify without data", lambda c: c.train("--run.task=classify"), "needs classify.train_file"),
+    ("init_from missing", lambda c: c.train(f"--run.init_from={c.tmp / 'no_run'}"), "does not exist"),
+    ("init_from a classifier", lambda c: c.train(f"--run.init_from={c.w['clf']}"),
+     "is a classify checkpoint, not a language model"),
+    ("vocab_size mismatch", lambda c: c.train("--model.vocab_size=50257"), "model.vocab_size = 50257, but"),
+    ("heads do not divide", lambda c: c.train("--model.n_head=3"), "must be divisible by n_head"),
+    ("block_size beyond the data", lambda c: c.train("--model.block_size=10000000"), "fewer than one window"),
+    ("device not here", lambda c: c.train("--system.device=cuda:7"), "system.device 'cuda:7' is not usable here"),
+    ("bad dtype", lambda c: c.train("--system.dtype=float8"), "dtype must be one of"),
+    ("labelled file of random bytes", lambda c: c.train("--run.task=classify",
+                                                        f"--classify.train_file={c.file('x.csv', bytes(range(256)) * 2)}"),
+     "no column 'text'"),
+    ("single label", lambda c: c.train("--run.task=classify",
+                                       "--classify.train_file=" + str(c.file("one.csv", "text,label\n" + "a,x\n" * 5))),
+     "has a single label"),
+]
+
+SAMPLE = [
+    ("typo", lambda c: [f"--out_dir={c.w['lm']}", "--temprature=0.5"], "unknown option --temprature=0.5: did you mean --temperature?"),
+    ("empty stop", lambda c: [f"--out_dir={c.w['lm']}", "--stop="], "--stop is empty"),
+    ("missing prompt file", lambda c: [f"--out_dir={c.w['lm']}", f"--prompt_file={c.tmp / 'p.txt'}"], "No such file or directory"),
+    ("prompt file is a directory", lambda c: [f"--out_dir={c.w['lm']}", f"--prompt_file={c.tmp}"], "Is a directory"),
+    ("prompt file not UTF-8", lambda c: [f"--out_dir={c.w['lm']}", "--prompt_file=" + str(c.file("p.txt", NOT_UTF8))],
+     "is not UTF-8 text"),
+    ("top_p", lambda c: [f"--out_dir={c.w['lm']}", "--top_p=1.5"], "top_p must be in (0, 1]"),
+    ("temperature", lambda c: [f"--out_dir={c.w['lm']}", "--temperature=-1"], "temperature must be >= 0"),
+    ("num_samples", lambda c: [f"--out_dir={c.w['lm']}", "--num_samples=0"], "--num_samples must be at least 1"),
+    ("max_new_tokens", lambda c: [f"--out_dir={c.w['lm']}", "--max_new_tokens=0"], "max_new_tokens must be at least 1"),
+    ("no checkpoint", lambda c: [f"--out_dir={c.tmp / 'none'}"], "no checkpoint at"),
+    ("a classifier", lambda c: [f"--out_dir={c.w['clf']}"], "is a classify checkpoint, not a language model"),
+    ("damaged checkpoint", lambda c: [f"--out_dir={c.tmp}", f"--ckpt={c.file('ckpt.pt', b'not a checkpoint')}"],
+     "cannot load checkpoint"),
+    ("unknown hub model", lambda c: ["--init_from=gpt-17"], "unknown model 'gpt-17'"),
+    ("device", lambda c: [f"--out_dir={c.w['lm']}", "--device=cuda:7"], "--device 'cuda:7' is not usable here"),
+    ("top_k", lambda c: [f"--out_dir={c.w['lm']}", "--top_k=0"], "top_k must be >= 1"),
+    ("bad number", lambda c: [f"--out_dir={c.w['lm']}", "--top_k=many"], "invalid int value: 'many'"),
+]
+
+PREPARE = [
+    ("out is a file", lambda c: [str(c.file("a.txt", "hello")), f"--out={c.file('f', 'x')}", "--tokenizer=byte"], "is a file"),
+    ("out under a file", lambda c: [str(c.file("a.txt", "hello")), f"--out={c.file('f', 'x') / 'd'}", "--tokenizer=byte"],
+     "cannot be created"),
+    ("missing input", lambda c: [str(c.tmp / "none.txt"), f"--out={c.tmp / 'o'}"], "does not exist"),
+    ("unknown tokenizer", lambda c: [str(c.file("a.txt", "hi")), f"--out={c.tmp / 'o'}", "--tokenizer=foo"], "unknown tokenizer"),
+    ("val_fraction", lambda c: [str(c.file("a.txt", "hi")), f"--out={c.tmp / 'o'}", "--val_fraction=1.5"],
+     "--val_fraction must be in [0, 1)"),
+    ("typo", lambda c: [str(c.file("a.txt", "hi")), f"--out={c.tmp / 'o'}", "--tokeniser=byte"],
+     "unknown option --tokeniser=byte: did you mean --tokenizer?"),
+    ("existing dataset", lambda c: [str(c.file("a.txt", "hi")), f"--out={c.w['data']}"], "already holds a dataset"),
+    ("workers", lambda c: [str(c.file("a.txt", "hi")), f"--out={c.tmp / 'o'}", "--workers=0"], "--workers must be at least 1"),
+    ("empty corpus", lambda c: [str(c.file("a.txt", "")), f"--out={c.tmp / 'o'}", "--tokenizer=char"], "no text in"),
+    ("missing --out", lambda c: [str(c.file("a.txt", "hi"))], "the following arguments are required: --out"),
+]
+
+CLASSIFY = [
+    ("output is a directory", lambda c: [f"--out_dir={c.w['clf']}", f"--input={c.w['sms']}", f"--output={c.tmp}"],
+     "is a directory"),
+    ("output parent missing", lambda c: [f"--out_dir={c.w['clf']}", f"--input={c.w['sms']}", f"--output={c.tmp / 'a' / 'p.jsonl'}"],
+     "does not exist: create it"),
+    ("batch_size", lambda c: [f"--out_dir={c.w['clf']}", f"--input={c.w['sms']}", "--batch_size=0"], "--batch_size must be at least 1"),
+    ("missing input", lambda c: [f"--out_dir={c.w['clf']}", f"--input={c.tmp / 'missing.csv'}"], "--input: "),
+    ("output without input", lambda c: [f"--out_dir={c.w['clf']}", "text", f"--output={c.tmp / 'p.jsonl'}"], "give --input too"),
+    ("nothing", lambda c: [f"--out_dir={c.w['clf']}"], "nothing to classify"),
+    ("empty text", lambda c: [f"--out_dir={c.w['clf']}", " "], "an empty text cannot be classified"),
+    ("a language model", lambda c: [f"--out_dir={c.w['lm']}", "hello"], "is a lm checkpoint, not a classifier"),
+    ("typo", lambda c: [f"--out_dir={c.w['clf']}", "--batchsize=3", "hi"], "did you mean --batch_size?"),
+]
+
+COMMANDS = {"train.py": train.main, "sample.py": sample.main, "gpt.prepare": prepare.main, "gpt.classify": classify.main}
+TABLE = ([("train.py", *case) for case in TRAIN] + [("sample.py", *case) for case in SAMPLE]
+         + [("gpt.prepare", *case) for case in PREPARE] + [("gpt.classify", *case) for case in CLASSIFY])
+
+
+@pytest.mark.parametrize("command, name, argv, words", TABLE, ids=[f"{t[0]}: {t[1]}" for t in TABLE])
+def test_a_bad_command_line_exits_2_with_one_line(world, tmp_path, capsys, monkeypatch, command, name, argv, words):
+    argv = argv(Case(tmp_path, world, monkeypatch))
+    capsys.readouterr()
+    before = {p: p.stat().st_mtime_ns for p in world["lm"].iterdir()}
+    with pytest.raises(SystemExit) as e:
+        COMMANDS[command](argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2, err
+    assert err.startswith("error: ") and len(err.splitlines()) == 1 and len(err) < 400, err
+    assert words in err, err
+    assert {p: p.stat().st_mtime_ns for p in world["lm"].iterdir()} == before  # the shared runs are untouched
+    assert not list(tmp_path.rglob(".*.tmp-*"))  # no temporary file left behind
+
+
+def test_wandb_without_a_login_is_one_line_and_removes_nothing(world, tmp_path):
+    """In a fresh process: wandb keeps global state, which must not leak into other tests."""
+    pytest.importorskip("wandb")
+    run = Case(tmp_path, world, None).lm_copy()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    result = subprocess.run([sys.executable, "train.py", *TINY, f"--data.dir={world['data']}", f"--run.out_dir={run}",
+                             "--overwrite", "--log.wandb=true"], cwd=ROOT, capture_output=True, text=True,
+                            env={**env, "HOME": str(tmp_path)}, timeout=300)  # no ~/.netrc: not logged in
+    assert result.returncode == 2 and result.stderr.startswith("error: wandb could not start"), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert (run / "ckpt.pt").exists() and (run / "best.pt").exists()  # the old run is still there
+
+
+def test_the_table_is_large():
+    assert len(TABLE) + len(API) >= 60
+
+
+# ---- the Python API: gpt.UserError with the same one-line messages ---------------------------------------
+
+def _api_generate():
+    from gpt import GPT, GPTConfig
+    from gpt.sampling import generate
+
+    generate(GPT(GPTConfig(block_size=8, vocab_size=10, n_layer=1, n_head=1, n_embd=8)), torch.tensor([[1]]), 2, top_p=1.5)
+
+
+def _api_newer_checkpoint(tmp):
+    torch.save({"format_version": 99}, tmp / "new.pt")
+    from gpt.checkpoint import load_checkpoint
+
+    load_checkpoint(tmp / "new.pt")
+
+
+def _api_foreign_checkpoint(tmp):
+    torch.save({"weights": torch.zeros(2)}, tmp / "other.pt")
+    from gpt.checkpoint import load_checkpoint
+
+    load_checkpoint(tmp / "other.pt")
+
+
+def _api_disk_full(tmp, monkeypatch):
+    """torch's zip writer reports a full disk as a RuntimeError; the previous checkpoint stays."""
+    from gpt import checkpoint
+
+    checkpoint.save_checkpoint({"iter": 1, "model": {"w": torch.zeros(2)}}, tmp, keep_last=2, is_best=True)
+
+    def full(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full)
+    try:
+        checkpoint.save_checkpoint({"iter": 2, "model": {"w": torch.ones(2)}}, tmp, keep_last=2, is_best=True)
+    finally:
+        monkeypatch.undo()
+        assert checkpoint.load_checkpoint(tmp / "ckpt.pt")["iter"] == 1 and not list(tmp.glob(".*tmp*"))
+
+
+API = [
+    ("GPTConfig", lambda tmp, mp: __import__("gpt").GPTConfig(n_embd=32, n_head=5), "must be divisible by n_head"),
+    ("generate", lambda tmp, mp: _api_generate(), "top_p must be in (0, 1]"),
+    ("from_pretrained", lambda tmp, mp: __import__("gpt.hf").hf.from_pretrained("gpt-17"), "unknown model 'gpt-17'"),
+    ("newer checkpoint", lambda tmp, mp: _api_newer_checkpoint(tmp), "newer than this code's 1: upgrade"),
+    ("foreign checkpoint", lambda tmp, mp: _api_foreign_checkpoint(tmp), "is not a checkpoint of ours"),
+    ("TokenDataset", lambda tmp, mp: __import__("gpt.dataset").dataset.TokenDataset(tmp), "has no meta.json"),
+    ("tokenizer", lambda tmp, mp: __import__("gpt.tokenizer").tokenizer.get_tokenizer("foo"), "unknown tokenizer 'foo'"),
+    ("disk full while checkpointing", lambda tmp, mp: _api_disk_full(tmp, mp),
+     "cannot write a checkpoint in"),
+]
+
+
+@pytest.mark.parametrize("name, call, words", API, ids=[a[0] for a in API])
+def test_the_python_api_raises_user_error(tmp_path, monkeypatch, name, call, words):
+    with pytest.raises(UserError) as e:
+        call(tmp_path, monkeypatch)
+    assert words in str(e.value) and "\n" not in str(e.value), str(e.value)
