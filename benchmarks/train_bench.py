@@ -8,7 +8,7 @@ data path as train.py) and times `Trainer.step`, one optimiser step with its
 gradient accumulation, after warm-up (which includes torch.compile's). With
 --synthetic the data is random tokens of GPT-2's vocabulary written to a
 temporary directory, so a config whose corpus is not prepared here can be
-measured. Prints one JSON line.
+measured. Prints one JSON line (and each step's time on stderr as it goes).
 """
 
 from __future__ import annotations
@@ -63,6 +63,8 @@ def main():
             loss, _, _ = trainer.step(lr_at(i, cfg.optim, cfg.run.max_iters))  # .tolist() inside waits for the GPU
             if i >= args.warmup:
                 times.append(time.perf_counter() - t0)
+            phase = f"warm-up {i + 1}/{args.warmup}" if i < args.warmup else f"step {i + 1 - args.warmup}/{args.iters}"
+            print(f"{phase}: {(time.perf_counter() - t0) * 1e3:,.0f} ms", file=sys.stderr, flush=True)  # progress
         tokens_per_step = trainer.tokens_since_log
         seconds = statistics.median(times)
         tokens_per_sec = tokens_per_step / seconds
