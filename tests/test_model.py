@@ -361,3 +361,10 @@ def test_dropout_is_active_in_training_only():
     torch.testing.assert_close(all_logits(model, idx), all_logits(model, idx))
     model.train()
     assert not torch.allclose(all_logits(model, idx), all_logits(model, idx))
+
+
+@pytest.mark.parametrize("bias, vocab_multiple", [(True, 64), (False, 1)])
+def test_parameter_count_is_what_the_model_allocates(bias, vocab_multiple):
+    """The memory check before allocating relies on it (train.py refuses a model too large)."""
+    config = GPTConfig(block_size=24, vocab_size=101, n_layer=3, n_head=2, n_embd=16, bias=bias, vocab_multiple=vocab_multiple)
+    assert config.parameter_count() == sum(p.numel() for p in GPT(config).parameters())

@@ -224,3 +224,13 @@ def test_hf_input_without_the_datasets_package(tmp_path):
     with pytest.raises(UserError, match=r"hf:roneneldan/TinyStories needs the datasets package: pip install 'gpt\[datasets\]'"):
         prep.prepare(["hf:roneneldan/TinyStories"], tmp_path / "out", "gpt2", workers=1)
     assert not (tmp_path / "out").exists()  # a failed hf: preparation leaves no empty folder
+
+
+def test_temporary_files_of_a_killed_preparation_are_removed(tmp_path):
+    """A preparation killed with SIGKILL leaves hidden .NAME.tmp-PID files; the next one removes them."""
+    (tmp_path / "a.txt").write_text("some text to prepare")
+    (tmp_path / "out").mkdir()
+    stale = tmp_path / "out" / ".train.bin.tmp-99999"
+    stale.write_bytes(b"half")
+    prep.prepare([str(tmp_path / "a.txt")], tmp_path / "out", "byte", val_fraction=0.0, workers=1)
+    assert not stale.exists() and (tmp_path / "out" / "meta.json").exists()
