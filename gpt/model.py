@@ -149,6 +149,8 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # fused q, k, v
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.keep_probs = False  # inspection: compute attention explicitly and keep the probabilities
+        self.probs: torch.Tensor | None = None  # (B, H, T, S), when keep_probs
 
     def forward(self, x, attn_mask=None, kv_cache: KVCache | None = None):
         B, T, C = x.shape
@@ -166,12 +168,26 @@ class CausalSelfAttention(nn.Module):
         attn_mask None means plain causal attention: GPT.hidden_states passes an explicit
         (B, 1, T, S) boolean mask whenever that is not enough (a cache with T > 1, padding).
         """
+        if self.keep_probs:
+            return self.attend_explicitly(q, k, v, attn_mask)
         return F.scaled_dot_product_attention(
             q, k, v,
             attn_mask=attn_mask,
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=attn_mask is None and q.size(2) > 1,
         )
+
+
+    def attend_explicitly(self, q, k, v, attn_mask):
+        """The same attention written out, step by step, keeping the probabilities in self.probs.
+        Slow and memory-hungry (it materialises the (T, S) matrix): for inspection only."""
+        T, S = q.size(-2), k.size(-2)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, H, T, S)
+        if attn_mask is None:  # causal: query t sees keys up to its own position (S - T + t)
+            attn_mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        probs = scores.masked_fill(~attn_mask, float("-inf")).softmax(dim=-1)
+        self.probs = probs.detach()
+        return F.dropout(probs, self.dropout, self.training) @ v
 
 
 class MLP(nn.Module):
@@ -325,6 +341,26 @@ class GPT(nn.Module):
         ar = torch.arange(T, device=device)
         mask[:, ar, past + ar] = True
         return pos, mask[:, None]
+
+    @torch.no_grad()
+    def attention_probabilities(self, idx: torch.Tensor, attention_mask=None) -> torch.Tensor:
+        """(n_layer, B, n_head, T, T): how much each query position attends to each key, for every
+        layer and head, from the explicit attention path (for pictures; see attend_explicitly).
+        attention_mask: as in hidden_states (padding gets no attention)."""
+        layers = [block.attn for block in self.transformer.h]
+        for attn in layers:
+            attn.keep_probs = True
+        try:
+            self.hidden_states(idx, attention_mask=attention_mask)
+            return torch.stack([attn.probs for attn in layers])
+        finally:
+            for attn in layers:
+                attn.keep_probs, attn.probs = False, None
+
+    def max_context(self) -> int | None:
+        """The longest sequence this model can read at once: block_size, the length of its learned
+        position table (None would mean no limit, for position schemes that extrapolate)."""
+        return self.config.block_size
 
     def crop_block_size(self, block_size: int) -> None:
         """Shrink the context to block_size (e.g. a GPT-2 checkpoint trained at 1024, used at 256)."""

@@ -60,6 +60,15 @@ class Tokenizer:
         """A JSON-able description from which `from_spec` rebuilds this tokenizer."""
         return {"name": self.name}
 
+    def token_bytes(self, token: int) -> bytes:
+        """The UTF-8 bytes one id stands for (b"" for end-of-text, which is not text)."""
+        raise NotImplementedError
+
+    def byte_lengths(self) -> np.ndarray:
+        """(vocab_size,) UTF-8 bytes of each id: the text a predicted token stands for, which
+        makes losses comparable across tokenizers (bits per byte)."""
+        return np.array([len(self.token_bytes(i)) for i in range(self.vocab_size)], dtype=np.int64)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(vocab_size={self.vocab_size}, eot_token={self.eot_token})"
 
@@ -111,6 +120,9 @@ class GPT2Tokenizer(Tokenizer):
 
     def decode(self, ids) -> str:
         return self.enc.decode(list(ids))
+
+    def token_bytes(self, token: int) -> bytes:
+        return b"" if token == self.eot_token else self.enc.decode_single_token_bytes(token)
 
     def spec(self) -> dict:
         return {"name": self.name, "ranks_sha256": GPT2_RANKS_SHA256}
@@ -178,6 +190,9 @@ class CharTokenizer(_SeparatedDecoder):
     def _decode_run(self, ids: list[int]) -> str:
         return "".join(self.chars[i] for i in ids)
 
+    def token_bytes(self, token: int) -> bytes:
+        return b"" if token == self.eot_token else self.chars[token].encode("utf-8")
+
     def spec(self) -> dict:
         return {"name": self.name, "chars": self.chars}
 
@@ -197,6 +212,9 @@ class ByteTokenizer(_SeparatedDecoder):
 
     def _decode_run(self, ids: list[int]) -> str:
         return bytes(ids).decode("utf-8", errors="replace")
+
+    def token_bytes(self, token: int) -> bytes:
+        return b"" if token == self.eot_token else bytes([token])
 
 
 # ---- lookup ------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import torch
 
 import sample
 import train
-from gpt import classify, prepare
+from gpt import classify, evaluate, inspect, prepare
 from gpt.errors import UserError
 
 from conftest import ROOT, last_wins
@@ -189,9 +189,43 @@ CLASSIFY = [
     ("typo", lambda c: [f"--out_dir={c.w['clf']}", "--batchsize=3", "hi"], "did you mean --batch_size?"),
 ]
 
-COMMANDS = {"train.py": train.main, "sample.py": sample.main, "gpt.prepare": prepare.main, "gpt.classify": classify.main}
-TABLE = ([("train.py", *case) for case in TRAIN] + [("sample.py", *case) for case in SAMPLE]
-         + [("gpt.prepare", *case) for case in PREPARE] + [("gpt.classify", *case) for case in CLASSIFY])
+def _byte_data(c: Case) -> str:
+    prepare.prepare([str(c.file("a.txt", "some text of ours " * 20))], c.tmp / "bytes", "byte", workers=1, progress=False)
+    return str(c.tmp / "bytes")
+
+
+EVALUATE = [
+    ("unknown out_dir", lambda c: [f"--out_dir={c.tmp / 'none'}"], "no checkpoint at"),
+    ("unknown ckpt", lambda c: [f"--out_dir={c.w['lm']}", "--ckpt=nope.pt"], "no checkpoint at"),
+    ("a classifier", lambda c: [f"--out_dir={c.w['clf']}"], "is a classify checkpoint, not a language model"),
+    ("empty text file", lambda c: [f"--out_dir={c.w['lm']}", "--text", str(c.file("e.txt", ""))], "is empty"),
+    ("context 0", lambda c: [f"--out_dir={c.w['lm']}", "--context=0"], "--context=0 must be at least 1"),
+    ("context beyond block_size", lambda c: [f"--out_dir={c.w['lm']}", "--context=8,17"],
+     "--context=17 is longer than this model can read: its learned position embeddings cover block_size = 16"),
+    ("not numbers", lambda c: [f"--out_dir={c.w['lm']}", "--context=8,x"], "must be comma-separated whole numbers"),
+    ("another tokenizer", lambda c: [f"--out_dir={c.w['lm']}", f"--data={_byte_data(c)}"],
+     "holds byte tokens (257 ids), but the model reads char tokens"),
+    ("stride beyond context + 1", lambda c: [f"--out_dir={c.w['lm']}", "--context=8", "--stride=10"],
+     "--stride=10 must be between 1 and context + 1 = 9"),
+    ("no model", lambda c: ["--context=8"], "name the model"),
+    ("typo", lambda c: [f"--out_dir={c.w['lm']}", "--contxt=8"], "did you mean --context?"),
+]
+
+INSPECT = [
+    ("layers out of range", lambda c: [f"--out_dir={c.w['lm']}", "--prompt=ROMEO", "--layers=0,5"],
+     "--layers=0,5: 5 is out of range; the model has 1 layers (0 to 0)"),
+    ("heads out of range", lambda c: [f"--out_dir={c.w['lm']}", "--prompt=ROMEO", "--heads=-1"], "-1 is out of range"),
+    ("empty prompt", lambda c: [f"--out_dir={c.w['lm']}", "--prompt="], "--prompt is empty"),
+    ("a classifier", lambda c: [f"--out_dir={c.w['clf']}", "--prompt=hi"], "is a classify checkpoint, not a language model"),
+    ("unknown out_dir", lambda c: [f"--out_dir={c.tmp / 'none'}", "--prompt=hi"], "no checkpoint at"),
+    ("prompt outside the vocabulary", lambda c: [f"--out_dir={c.w['lm']}", "--prompt=🚀"], "not in this char tokenizer's"),
+]
+
+COMMANDS = {"train.py": train.main, "sample.py": sample.main, "gpt.prepare": prepare.main, "gpt.classify": classify.main,
+            "gpt.evaluate": evaluate.main, "gpt.inspect": inspect.main}
+CASES = {"train.py": TRAIN, "sample.py": SAMPLE, "gpt.prepare": PREPARE, "gpt.classify": CLASSIFY,
+         "gpt.evaluate": EVALUATE, "gpt.inspect": INSPECT}
+TABLE = [(command, *case) for command, cases in CASES.items() for case in cases]
 
 
 @pytest.mark.parametrize("command, name, argv, words", TABLE, ids=[f"{t[0]}: {t[1]}" for t in TABLE])

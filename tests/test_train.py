@@ -177,7 +177,7 @@ def test_continued_pretraining_from_a_hugging_face_directory(tmp_path, shakespea
 
 
 def test_loss_plot_and_the_note_without_matplotlib(data_dir, tmp_path, capsys, monkeypatch):
-    pytest.importorskip("matplotlib", reason="matplotlib is not installed (pip install 'gpt[plot]')")
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed (pip install matplotlib)")
     out = tmp_path / "run"
     train.main(args(data_dir, out, "--max_iters=4", "--log.plot=true"))
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,254 @@
+"""Measure a language model on text: loss, perplexity, bits per byte, by context length and position.
+
+    python -m gpt.evaluate --out_dir=out/shakespeare_char                      # the run's validation split
+    python -m gpt.evaluate --out_dir=out/shakespeare_char --context=32,64,128 --plot
+    python -m gpt.evaluate --out_dir=out/x --data=data/other --split=train     # any prepared directory
+    python -m gpt.evaluate --init_from=gpt2 --text essay.txt notes.txt --stride=512   # raw text files
+
+Every scored token t is predicted from the tokens before it inside a window of
+`context` tokens the model reads. Non-overlapping windows (stride = context, the
+default) score every token but the first exactly once, each with 1 to context
+tokens before it; a smaller --stride slides the window and scores each token
+once, with more context (up to `context` tokens); stride = context + 1 is the
+training layout (whole windows of context + 1 tokens; the first token of each
+is not scored), which reproduces the trainer's validation loss.
+
+Reported per evaluated set and context: mean loss (nats per token), perplexity,
+and bits per byte: the total loss in bits over the UTF-8 bytes of the text the
+scored tokens stand for (end-of-text ids stand for none). A character model and
+a GPT-2-BPE model score different numbers of tokens on the same text, so only
+bits per byte compares them. The loss at each position of the window shows how
+much context helps. How long a context may be is the model's to say
+(GPT.max_context()): learned position embeddings stop at block_size.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from gpt.atomic import atomic_path
+from gpt.checkpoint import checkpoint_path, load_model
+from gpt.dataset import TokenDataset
+from gpt.errors import ArgumentParser, UserError, exit_on_user_error
+from gpt.hf import from_pretrained
+from gpt.model import GPT
+from gpt.system import Processes, all_reduce_sum, autocast, pick_device, pick_dtype, start_processes
+from gpt.tokenizer import Tokenizer, from_spec, get_tokenizer
+
+
+@dataclass
+class Result:
+    """The figures of one evaluated set at one context length."""
+
+    name: str  # what was evaluated (a split, a file)
+    context: int  # tokens the model reads per window
+    stride: int  # tokens between window starts
+    tokens: int  # tokens scored
+    bytes: int  # UTF-8 bytes those tokens stand for
+    nats: float  # their summed loss
+    position_loss: list[float] = field(default_factory=list)  # mean loss at each window position (NaN: none)
+
+    @property
+    def loss(self) -> float:
+        return self.nats / self.tokens
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.loss)
+
+    @property
+    def bits_per_byte(self) -> float:
+        return self.nats / math.log(2) / self.bytes if self.bytes else float("nan")
+
+    def to_dict(self) -> dict:
+        """For JSON: positions where nothing was scored are null."""
+        figures = {**asdict(self), "loss": self.loss, "perplexity": self.perplexity, "bits_per_byte": self.bits_per_byte}
+        figures["position_loss"] = [None if math.isnan(v) else v for v in self.position_loss]
+        return figures
+
+
+def windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
+    """(start, length, first scored position) of each window over a stream of n_tokens.
+
+    A window reads tokens[start : start + length] and predicts tokens[start + 1 : start + length + 1];
+    positions before `first` were scored by an earlier window (sliding) and are skipped. With
+    stride = context + 1 (the training layout) only whole windows count, as in training.
+    """
+    if not 1 <= stride <= context + 1:
+        raise UserError(f"--stride={stride} must be between 1 and context + 1 = {context + 1} "
+                        f"(a larger one would skip tokens)")
+    found, start, scored_to = [], 0, 0  # scored_to: the highest target index scored so far
+    while scored_to < n_tokens - 1 and start < n_tokens - 1:
+        length = min(context, n_tokens - 1 - start)
+        if length < context and stride > context:
+            break  # the training layout has no partial window
+        first = max(0, scored_to - start)
+        found.append((start, length, first))
+        scored_to = start + length
+        start += stride
+    return found
+
+
+@torch.no_grad()
+def evaluate_tokens(model: GPT, tokens: np.ndarray, name: str, context: int, stride: int, *, byte_lengths: np.ndarray,
+                    batch_size: int = 8, device=None, dtype=torch.float32, procs: Processes | None = None,
+                    progress: bool | None = None) -> Result:
+    """Score a token stream with windows of `context` tokens every `stride` tokens (see `windows`).
+    Under torchrun each process scores every world_size-th batch; the sums are added exactly."""
+    procs = procs or Processes()
+    device = torch.device(device or "cpu")
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # nats, tokens, bytes
+    position = torch.zeros(2, context, dtype=torch.float64, device=device)  # loss sums, counts
+    byte_lengths_t = torch.as_tensor(byte_lengths, device=device)
+    batches = _batches(windows(len(tokens), context, stride), batch_size)
+    mine = batches[procs.rank :: procs.world_size]
+    model.eval()
+    for batch in tqdm(mine, desc=f"{name} @ {context}", unit="batch", disable=progress is False or not procs.is_main
+                      or None, leave=False, file=sys.stderr):
+        length = batch[0][1]
+        rows = np.stack([tokens[start : start + length + 1] for start, _, _ in batch]).astype(np.int64)
+        rows = torch.from_numpy(rows).to(device)
+        x, y = rows[:, :-1], rows[:, 1:]
+        scored = torch.arange(length, device=device)[None, :] >= torch.tensor([f for _, _, f in batch], device=device)[:, None]
+        with autocast(device, dtype):
+            logits = model.logits(model.hidden_states(x))
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
+        loss = loss.view(y.shape).double() * scored
+        sums += torch.stack([loss.sum(), scored.sum().double(), (byte_lengths_t[y] * scored).sum().double()])
+        position[0, :length] += loss.sum(0)
+        position[1, :length] += scored.sum(0).double()
+    all_reduce_sum(sums)
+    all_reduce_sum(position)
+    nats, n_tokens, n_bytes = sums.tolist()
+    per_position = (position[0] / position[1]).tolist()  # NaN where no token was scored at that position
+    return Result(name, context, stride, int(n_tokens), int(n_bytes), nats, per_position)
+
+
+def _batches(found: list[tuple[int, int, int]], batch_size: int) -> list[list[tuple[int, int, int]]]:
+    """Windows grouped into batches of equal length (the last window of a stream may be shorter)."""
+    by_length: dict[int, list] = {}
+    for w in found:
+        by_length.setdefault(w[1], []).append(w)
+    return [group[i : i + batch_size] for group in by_length.values() for i in range(0, len(group), batch_size)]
+
+
+# ---- what to evaluate --------------------------------------------------------------------------------
+
+
+def token_sets(args, tok: Tokenizer, run_data: str | None) -> list[tuple[str, np.ndarray]]:
+    """(name, token stream) of each set to evaluate: --text files, --data, or the run's own split."""
+    if args.text:
+        sets = []
+        for path in map(Path, args.text):
+            try:
+                text = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                raise UserError(f"--text {path} is not UTF-8 text: save it as UTF-8") from None
+            ids = np.asarray(tok.encode(text), dtype=np.int64)
+            if len(ids) < 2:
+                raise UserError(f"--text {path} is {'empty' if not text else 'too short'}: "
+                                f"evaluation needs at least two tokens of text")
+            sets.append((path.name, ids))
+        return sets
+    data = args.data or run_data
+    if data is None:
+        raise UserError("nothing to evaluate: give --data=DIR (a prepared directory) or --text FILE...")
+    split = TokenDataset(data, args.split)
+    theirs = from_spec(split.meta["tokenizer"])
+    if theirs.spec() != tok.spec():
+        raise UserError(f"{data} holds {theirs.name} tokens ({theirs.vocab_size} ids), but the model reads {tok.name} "
+                        f"tokens ({tok.vocab_size} ids): evaluate on data prepared with the model's tokenizer, or --text")
+    if len(split) < 2:
+        raise UserError(f"{split.path} holds {len(split)} token(s): nothing to evaluate")
+    return [(f"{args.split} ({data})", split.tokens)]
+
+
+def print_table(results: list[Result]) -> None:
+    width = max(len(r.name) for r in results)
+    print(f"{'set':<{width}}  {'context':>7}  {'stride':>6}  {'tokens':>11}  {'bytes':>11}  "
+          f"{'loss':>7}  {'ppl':>8}  {'bits/byte':>9}")
+    for r in results:
+        print(f"{r.name:<{width}}  {r.context:>7}  {r.stride:>6}  {r.tokens:>11,}  {r.bytes:>11,}  "
+              f"{r.loss:>7.4f}  {r.perplexity:>8.2f}  {r.bits_per_byte:>9.4f}")
+
+
+# ---- command line -------------------------------------------------------------------------------------
+
+
+def _contexts(text: str | None, limit: int | None) -> list[int]:
+    try:
+        contexts = [int(c) for c in text.split(",")] if text else [limit]
+    except ValueError:
+        raise UserError(f"--context={text} must be comma-separated whole numbers, e.g. 128,256,512") from None
+    for c in contexts:
+        if c is None or c < 1:
+            raise UserError(f"--context={c} must be at least 1 token")
+        if limit is not None and c > limit:
+            raise UserError(f"--context={c} is longer than this model can read: its learned position embeddings "
+                            f"cover block_size = {limit} positions; use at most {limit}")
+    return contexts
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    p = ArgumentParser(prog="python -m gpt.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out_dir", help="a language-model run's directory")
+    p.add_argument("--ckpt", default="best.pt", help="checkpoint in out_dir, or a path (default: best.pt)")
+    p.add_argument("--init_from", help="a Hugging Face GPT-2 instead: gpt2, ... or a directory")
+    p.add_argument("--data", help="a prepared data directory (default: the run's own)")
+    p.add_argument("--split", default="val", choices=["train", "val"], help="which split of --data (default: val)")
+    p.add_argument("--text", nargs="+", metavar="FILE", help="raw UTF-8 text files instead, each its own set")
+    p.add_argument("--context", help="context lengths, comma-separated (default: the model's block_size)")
+    p.add_argument("--stride", type=int, help="tokens between windows (default: = context, no overlap)")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    p.add_argument("--plot", nargs="?", const="", metavar="PNG",
+                   help="draw loss by context length and by position (default file: OUT_DIR/evaluation.png)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    args = p.parse_args(argv)
+    if bool(args.out_dir) == bool(args.init_from):
+        raise UserError("name the model: --out_dir=DIR (our run) or --init_from=gpt2 (a Hugging Face GPT-2)")
+    if args.batch_size < 1:
+        raise UserError(f"--batch_size must be at least 1, got {args.batch_size}")
+
+    device = pick_device(args.device)
+    procs = start_processes(device)
+    dtype = pick_dtype(args.dtype, device)
+    if args.init_from:
+        model, tok, run_data = from_pretrained(args.init_from).to(device).eval(), get_tokenizer("gpt2"), None
+    else:
+        model, tok, ckpt = load_model(checkpoint_path(args.out_dir, args.ckpt), task="lm", device=device)
+        run_data = ckpt["config"]["data"]["dir"]
+    contexts = _contexts(args.context, model.max_context())
+    sets = token_sets(args, tok, run_data)
+    byte_lengths = tok.byte_lengths()
+    results = [evaluate_tokens(model, tokens, name, c, args.stride or c, byte_lengths=byte_lengths,
+                               batch_size=args.batch_size, device=device, dtype=dtype, procs=procs)
+               for name, tokens in sets for c in contexts]
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    if not procs.is_main:
+        return
+    print_table(results)
+    if args.json:
+        with atomic_path(args.json) as tmp:
+            tmp.write_text(json.dumps([r.to_dict() for r in results], indent=1) + "\n")
+        print(f"wrote {args.json}")
+    if args.plot is not None:
+        from gpt.plot import plot_evaluation
+
+        plot_evaluation(results, Path(args.plot or Path(args.out_dir or ".") / "evaluation.png"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""Attention maps as pictures: what each head of each layer looks at.
+
+    python -m gpt.inspect --out_dir=out/shakespeare_char --prompt="ROMEO: But soft"
+    python -m gpt.inspect --out_dir=out/shakespeare_char --prompt="ROMEO:" --layers=0,3 --heads=0,1 --summary
+    python -m gpt.inspect --init_from=gpt2 --prompt="The cat sat on the mat because it"   # needs the network
+
+attention.png is a grid of heat maps, one per layer (rows) and head (columns):
+row i, column j is how much the token at position i attends to the token at
+position j when computing its next-token prediction. Every row sums to 1; the
+upper triangle is empty because of the causal mask (a token never sees later
+ones). Look for heads that attend to the previous token (a bright diagonal
+just below the main one), to the first token (a bright first column: a place to
+"park" attention), or to earlier copies of the current token (induction heads).
+
+--summary adds attention_summary.png: three statistics per head over longer text
+(the run's validation data, or --summary_text FILE): the mean attention distance
+(how far back a head looks), the entropy of its attention (nats: 0 = all on one
+token, high = spread out), and the share of attention on the first token.
+
+The probabilities come from the model's own attention code (GPT.attention_probabilities,
+an explicit computation tested against the fused kernel), not from a copy.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gpt.checkpoint import checkpoint_path, load_model
+from gpt.dataset import TokenDataset
+from gpt.errors import ArgumentParser, UserError, exit_on_user_error
+from gpt.hf import from_pretrained
+from gpt.model import GPT
+from gpt.system import pick_device
+from gpt.tokenizer import Tokenizer, get_tokenizer
+
+WHITESPACE = {" ": "␣", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def token_label(tok: Tokenizer, token: int) -> str:
+    """A readable axis label for one token: whitespace shown, control characters escaped."""
+    if token == tok.eot_token:
+        return "<eot>"
+    text = tok.token_bytes(token).decode("utf-8", errors="replace")
+    return "".join(WHITESPACE.get(c, c if c.isprintable() else c.encode("unicode_escape").decode()) for c in text)
+
+
+def head_statistics(probs: torch.Tensor) -> dict[str, np.ndarray]:
+    """Per-head statistics of attention probabilities (n_layer, B, n_head, T, T), averaged over
+    the batch and over query positions: (n_layer, n_head) arrays."""
+    T = probs.size(-1)
+    pos = torch.arange(T, dtype=probs.dtype)
+    distance = (probs * (pos[:, None] - pos[None, :]).clamp(min=0)).sum(-1)  # (L, B, H, T)
+    entropy = -(probs * probs.clamp(min=1e-12).log()).sum(-1)
+    first = probs[..., 1:, 0]  # query 0 can only attend to itself
+    return {
+        "mean attention distance (tokens back)": distance.mean(dim=(1, 3)).numpy(),
+        "attention entropy (nats)": entropy.mean(dim=(1, 3)).numpy(),
+        "attention on the first token": first.mean(dim=(1, 3)).numpy(),
+    }
+
+
+def _pick(text: str | None, count: int, what: str) -> list[int]:
+    if not text:
+        return list(range(count))
+    try:
+        picked = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise UserError(f"--{what}={text} must be comma-separated numbers, e.g. 0,1") from None
+    wrong = [v for v in picked if not 0 <= v < count]
+    if wrong:
+        raise UserError(f"--{what}={text}: {wrong[0]} is out of range; the model has {count} {what} (0 to {count - 1})")
+    return picked
+
+
+def summary_tokens(args, tok: Tokenizer, run_data: str | None, block_size: int) -> torch.Tensor:
+    """Up to 8 windows of block_size tokens of longer text, for the per-head statistics."""
+    if args.summary_text:
+        ids = tok.encode(Path(args.summary_text).read_text(encoding="utf-8"))
+    elif run_data is not None:
+        ids = np.asarray(TokenDataset(run_data, "val").tokens[: 8 * block_size], dtype=np.int64).tolist()
+    else:
+        raise UserError("--summary needs longer text: give --summary_text=FILE")
+    n = min(8, len(ids) // block_size)
+    if n == 0:
+        raise UserError(f"the summary text has {len(ids)} tokens, fewer than block_size = {block_size}: give a longer one")
+    return torch.tensor(ids[: n * block_size]).view(n, block_size)
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    p = ArgumentParser(prog="python -m gpt.inspect", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out_dir", help="a language-model run's directory (pictures are written there)")
+    p.add_argument("--ckpt", default="best.pt", help="checkpoint in out_dir, or a path (default: best.pt)")
+    p.add_argument("--init_from", help="a Hugging Face GPT-2 instead: gpt2, ... or a directory")
+    p.add_argument("--prompt", required=True, help="the text whose attention is drawn (a short one reads best)")
+    p.add_argument("--layers", help="layers to draw, e.g. 0,2 (default: all)")
+    p.add_argument("--heads", help="heads to draw, e.g. 0,1 (default: all)")
+    p.add_argument("--out", help="the picture (default: OUT_DIR/attention.png, or ./attention.png)")
+    p.add_argument("--summary", action="store_true", help="also draw per-head statistics (attention_summary.png)")
+    p.add_argument("--summary_text", help="the text for --summary (default: the run's validation data)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, ...: the explicit attention path is small")
+    args = p.parse_args(argv)
+    if bool(args.out_dir) == bool(args.init_from):
+        raise UserError("name the model: --out_dir=DIR (our run) or --init_from=gpt2 (a Hugging Face GPT-2)")
+    if not args.prompt:
+        raise UserError("--prompt is empty: give the text whose attention to draw")
+
+    device = pick_device(args.device)
+    if args.init_from:
+        model, tok, run_data = from_pretrained(args.init_from).to(device).eval(), get_tokenizer("gpt2"), None
+    else:
+        model, tok, ckpt = load_model(checkpoint_path(args.out_dir, args.ckpt), task="lm", device=device)
+        run_data = ckpt["config"]["data"]["dir"]
+    model: GPT
+    layers = _pick(args.layers, model.config.n_layer, "layers")
+    heads = _pick(args.heads, model.config.n_head, "heads")
+    ids = tok.encode(args.prompt)
+    limit = model.max_context() or len(ids)
+    if len(ids) > limit:
+        print(f"note: the prompt has {len(ids)} tokens, more than the model reads at once ({limit}): "
+              f"drawing its last {limit}", file=sys.stderr)
+        ids = ids[-limit:]
+    folder = Path(args.out_dir or ".")
+
+    from gpt.plot import plot_attention, plot_attention_summary
+
+    probs = model.attention_probabilities(torch.tensor([ids], device=device))[:, 0].float().cpu()  # (L, H, T, T)
+    plot_attention(probs.numpy(), [token_label(tok, i) for i in ids], Path(args.out or folder / "attention.png"),
+                   layers, heads)
+    if args.summary:
+        windows = summary_tokens(args, tok, run_data, model.config.block_size).to(device)
+        per_window = [head_statistics(model.attention_probabilities(w[None]).float().cpu()) for w in windows]
+        stats = {name: np.mean([s[name] for s in per_window], axis=0) for name in per_window[0]}
+        plot_attention_summary(stats, folder / "attention_summary.png")
+
+
+if __name__ == "__main__":
+    main()
