@@ -107,8 +107,10 @@ def test_inference_commands_do_not_load_the_trainer():
         assert heavy not in sample, heavy
     # DDP: torch itself may import its module (torch 2.13 does); sample.py must add nothing of it
     assert (ddp in sample) <= (ddp in torch_alone)
-    classify = modules_after_importing("import gpt.classify")
-    assert "gpt.trainer" not in classify and "gpt.config" not in classify
+    for command in ("gpt.classify", "gpt.evaluate", "gpt.inspect"):
+        loaded = modules_after_importing(f"import {command}")
+        assert "gpt.trainer" not in loaded and "gpt.config" not in loaded, command
+    assert "matplotlib" not in modules_after_importing("import gpt.plot")  # imported only when drawing
 
 
 def test_every_registered_task_has_the_task_interface():
