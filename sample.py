@@ -20,24 +20,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from gpt.checkpoint import checkpoint_path, load_model
+from gpt.checkpoint import add_model_options, load_language_model
 from gpt.errors import ArgumentParser, UserError, exit_on_user_error
-from gpt.hf import from_pretrained
-from gpt.model import GPT
 from gpt.sampling import SamplingConfig, stream
 from gpt.system import autocast, pick_device, pick_dtype
-from gpt.tokenizer import EOT_TEXT, Tokenizer, get_tokenizer
+from gpt.tokenizer import EOT_TEXT, Tokenizer
 
 SEPARATOR = "\n" + "-" * 40
 LONG = 2000  # tokens per sample above which a non-streamed run says that it will be silent
-
-
-def load(args, device) -> tuple[GPT, Tokenizer]:
-    """The model and its tokenizer: our checkpoint, or a Hugging Face GPT-2 (GPT-2's BPE)."""
-    if args.init_from:
-        return from_pretrained(args.init_from).to(device).eval(), get_tokenizer("gpt2")
-    model, tokenizer, _ = load_model(checkpoint_path(args.out_dir, args.ckpt), task="lm", device=device)
-    return model, tokenizer
 
 
 def text_so_far(tok: Tokenizer, tokens: list[int], stops: list[str]) -> tuple[str, bool]:
@@ -79,9 +69,7 @@ def prompt_ids(text: str, tok: Tokenizer) -> list[int]:
 def main(argv: list[str] | None = None) -> None:
     p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--out_dir", default="out", help="a training run's directory (default: out)")
-    p.add_argument("--ckpt", default="ckpt.pt", help="checkpoint file in out_dir, or a path (default: ckpt.pt)")
-    p.add_argument("--init_from", default=None, help="a Hugging Face GPT-2 instead: gpt2, gpt2-medium, ... or a directory")
+    add_model_options(p, ckpt_default="ckpt.pt", out_dir_default="out")
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
     p.add_argument("--prompt_file", default=None, help="read the prompt from this file")
     p.add_argument("--num_samples", type=int, default=3)
@@ -112,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
 
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
-    model, tok = load(args, device)
+    model, tok, _ = load_language_model(args, device)
     idx = torch.tensor([prompt_ids(text, tok)], device=device)
     prompt_text = "" if idx[0, 0] == tok.eot_token and idx.size(1) == 1 else tok.decode(idx[0].tolist())
     generator = torch.Generator(device=device).manual_seed(args.seed)

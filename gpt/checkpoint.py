@@ -39,7 +39,8 @@ import torch.nn as nn
 from gpt.atomic import atomic_path
 from gpt.errors import UserError, describe_os_error, free_space
 from gpt.model import GPT, GPTClassifier, GPTConfig
-from gpt.tokenizer import Tokenizer, from_spec
+from gpt.hf import from_pretrained
+from gpt.tokenizer import Tokenizer, from_spec, get_tokenizer
 
 FORMAT_VERSION = 1
 LATEST, BEST = "ckpt.pt", "best.pt"
@@ -180,6 +181,27 @@ def network_from_checkpoint(ckpt: dict) -> nn.Module:
     if ckpt.get("task", "lm") == "classify":
         return GPTClassifier(backbone, len(ckpt["labels"]))
     return backbone
+
+
+def add_model_options(parser, ckpt_default: str, out_dir_default: str | None = None) -> None:
+    """The command-line options that name a language model: ours (--out_dir, --ckpt) or a
+    Hugging Face GPT-2 (--init_from). Read them back with load_language_model."""
+    parser.add_argument("--out_dir", default=out_dir_default, help="a language-model run's directory"
+                        + (f" (default: {out_dir_default})" if out_dir_default else ""))
+    parser.add_argument("--ckpt", default=ckpt_default, help=f"checkpoint in out_dir, or a path (default: {ckpt_default})")
+    parser.add_argument("--init_from", help="a Hugging Face GPT-2 instead of --out_dir: gpt2, gpt2-medium, ... or a "
+                        "directory (a hub id needs the network)")
+
+
+def load_language_model(args, device=None) -> tuple[GPT, Tokenizer, str | None]:
+    """The model named by add_model_options' arguments: (model in eval mode, its tokenizer, the
+    data directory of its run, None for a Hugging Face model)."""
+    if args.init_from:
+        return from_pretrained(args.init_from).to(device).eval(), get_tokenizer("gpt2"), None
+    if not args.out_dir:
+        raise UserError("name the model: --out_dir=DIR (a run of ours) or --init_from=gpt2 (a Hugging Face GPT-2)")
+    model, tokenizer, ckpt = load_model(checkpoint_path(args.out_dir, args.ckpt), task="lm", device=device)
+    return model, tokenizer, ckpt["config"]["data"]["dir"]
 
 
 def load_model(path: str | Path, task: str = "lm", device=None) -> tuple[nn.Module, Tokenizer, dict]:

@@ -36,13 +36,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from gpt.atomic import atomic_path
-from gpt.checkpoint import checkpoint_path, load_model
+from gpt.checkpoint import add_model_options, load_language_model
 from gpt.dataset import TokenDataset
 from gpt.errors import ArgumentParser, UserError, exit_on_user_error
-from gpt.hf import from_pretrained
 from gpt.model import GPT
 from gpt.system import Processes, all_reduce_sum, autocast, pick_device, pick_dtype, start_processes
-from gpt.tokenizer import Tokenizer, from_spec, get_tokenizer
+from gpt.tokenizer import Tokenizer, from_spec
 
 
 @dataclass
@@ -201,9 +200,7 @@ def _contexts(text: str | None, limit: int | None) -> list[int]:
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     p = ArgumentParser(prog="python -m gpt.evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out_dir", help="a language-model run's directory")
-    p.add_argument("--ckpt", default="best.pt", help="checkpoint in out_dir, or a path (default: best.pt)")
-    p.add_argument("--init_from", help="a Hugging Face GPT-2 instead: gpt2, ... or a directory")
+    add_model_options(p, ckpt_default="best.pt")
     p.add_argument("--data", help="a prepared data directory (default: the run's own)")
     p.add_argument("--split", default="val", choices=["train", "val"], help="which split of --data (default: val)")
     p.add_argument("--text", nargs="+", metavar="FILE", help="raw UTF-8 text files instead, each its own set")
@@ -216,19 +213,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     args = p.parse_args(argv)
-    if bool(args.out_dir) == bool(args.init_from):
-        raise UserError("name the model: --out_dir=DIR (our run) or --init_from=gpt2 (a Hugging Face GPT-2)")
     if args.batch_size < 1:
         raise UserError(f"--batch_size must be at least 1, got {args.batch_size}")
 
     device = pick_device(args.device)
     procs = start_processes(device)
     dtype = pick_dtype(args.dtype, device)
-    if args.init_from:
-        model, tok, run_data = from_pretrained(args.init_from).to(device).eval(), get_tokenizer("gpt2"), None
-    else:
-        model, tok, ckpt = load_model(checkpoint_path(args.out_dir, args.ckpt), task="lm", device=device)
-        run_data = ckpt["config"]["data"]["dir"]
+    model, tok, run_data = load_language_model(args, device)
     contexts = _contexts(args.context, model.max_context())
     sets = token_sets(args, tok, run_data)
     byte_lengths = tok.byte_lengths()

@@ -29,13 +29,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gpt.checkpoint import checkpoint_path, load_model
+from gpt.checkpoint import add_model_options, load_language_model
 from gpt.dataset import TokenDataset
 from gpt.errors import ArgumentParser, UserError, exit_on_user_error
-from gpt.hf import from_pretrained
-from gpt.model import GPT
 from gpt.system import pick_device
-from gpt.tokenizer import Tokenizer, get_tokenizer
+from gpt.tokenizer import Tokenizer
 
 WHITESPACE = {" ": "␣", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
 
@@ -93,9 +91,7 @@ def summary_tokens(args, tok: Tokenizer, run_data: str | None, block_size: int) 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     p = ArgumentParser(prog="python -m gpt.inspect", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out_dir", help="a language-model run's directory (pictures are written there)")
-    p.add_argument("--ckpt", default="best.pt", help="checkpoint in out_dir, or a path (default: best.pt)")
-    p.add_argument("--init_from", help="a Hugging Face GPT-2 instead: gpt2, ... or a directory")
+    add_model_options(p, ckpt_default="best.pt")  # the pictures go to --out_dir (or --out)
     p.add_argument("--prompt", required=True, help="the text whose attention is drawn (a short one reads best)")
     p.add_argument("--layers", help="layers to draw, e.g. 0,2 (default: all)")
     p.add_argument("--heads", help="heads to draw, e.g. 0,1 (default: all)")
@@ -104,18 +100,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--summary_text", help="the text for --summary (default: the run's validation data)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, ...: the explicit attention path is small")
     args = p.parse_args(argv)
-    if bool(args.out_dir) == bool(args.init_from):
-        raise UserError("name the model: --out_dir=DIR (our run) or --init_from=gpt2 (a Hugging Face GPT-2)")
     if not args.prompt:
         raise UserError("--prompt is empty: give the text whose attention to draw")
 
     device = pick_device(args.device)
-    if args.init_from:
-        model, tok, run_data = from_pretrained(args.init_from).to(device).eval(), get_tokenizer("gpt2"), None
-    else:
-        model, tok, ckpt = load_model(checkpoint_path(args.out_dir, args.ckpt), task="lm", device=device)
-        run_data = ckpt["config"]["data"]["dir"]
-    model: GPT
+    model, tok, run_data = load_language_model(args, device)
     layers = _pick(args.layers, model.config.n_layer, "layers")
     heads = _pick(args.heads, model.config.n_head, "heads")
     ids = tok.encode(args.prompt)

@@ -207,7 +207,7 @@ EVALUATE = [
      "holds byte tokens (257 ids), but the model reads char tokens"),
     ("stride beyond context + 1", lambda c: [f"--out_dir={c.w['lm']}", "--context=8", "--stride=10"],
      "--stride=10 must be between 1 and context + 1 = 9"),
-    ("no model", lambda c: ["--context=8"], "name the model"),
+    ("no model", lambda c: ["--context=8"], "name the model: --out_dir=DIR"),
     ("typo", lambda c: [f"--out_dir={c.w['lm']}", "--contxt=8"], "did you mean --context?"),
 ]
 
