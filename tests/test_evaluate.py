@@ -152,3 +152,26 @@ def test_the_pictures_are_written_and_not_blank(char_data, tmp_path, capsys):
     for name in ("loss.png", "evaluation.png", "attention.png", "attention_summary.png"):
         (height, width, _), colours = _picture(out / name)
         assert height > 200 and width > 200 and colours > 10, name
+
+
+@pytest.mark.slow
+def test_under_torchrun_the_windows_are_split_and_summed_exactly(char_data, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out = tmp_path / "run"
+    train.main([f"--data.dir={char_data}", f"--run.out_dir={out}", "--model.n_layer=1", "--model.n_head=2",
+                "--model.n_embd=16", "--model.block_size=16", "--max_iters=2", "--eval.eval_iters=1", "--log.plot=false"])
+    common = ["-m", "gpt.evaluate", f"--out_dir={out}", "--ckpt=ckpt.pt", "--context=8,16", "--batch_size=5"]
+    one = subprocess.run([sys.executable, *common, f"--json={tmp_path / 'one.json'}"], cwd=ROOT, capture_output=True, text=True)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *common,
+                          f"--json={tmp_path / 'two.json'}"], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr[-3000:]
+    a, b = (json.loads((tmp_path / name).read_text()) for name in ("one.json", "two.json"))
+    for x, y in zip(a, b):
+        assert x["tokens"] == y["tokens"] and x["bytes"] == y["bytes"]
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-12)
