@@ -94,8 +94,9 @@ def save_checkpoint(state: dict, out_dir: str | Path, *, keep_last: int, is_best
             raise  # not a failed write: a bug
         reason = describe_os_error(e) if isinstance(e, OSError) else "the write failed"
         free = free_space(str(out_dir))
-        raise UserError(f"cannot write a checkpoint in {out_dir} ({reason}; {free or 'unknown'} free there): free some "
-                        f"space and resume with --resume; the previous {LATEST} is intact") from None
+        kept = (f"the previous {LATEST} is intact: free some space and continue with --resume"
+                if (out_dir / LATEST).exists() else "free some space and run again")
+        raise UserError(f"cannot write a checkpoint in {out_dir} ({reason}; {free or 'unknown'} free there): {kept}") from None
     _link(path, out_dir / LATEST)
     if is_best:
         _link(path, out_dir / BEST)

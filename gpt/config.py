@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gpt.atomic import atomic_path
+from gpt.checkpoint import find_checkpoint, load_checkpoint, previous_checkpoints
 from gpt.errors import UserError, require
 from gpt.model import GPTConfig
 from gpt.tasks import TASKS
@@ -326,11 +327,17 @@ def resume_config(path: str | Path | None, overrides: list[str] = ()) -> tuple[C
     """
     given = load_config(path, overrides)  # checks the file and the overrides, names out_dir
     out_dir = Path(given.run.out_dir)
-    saved_path = out_dir / "config.toml"
-    if not saved_path.is_file():
-        raise UserError(f"nothing to resume: {out_dir} has no ckpt.pt (nor the config.toml of a run): "
-                        f"start a run there first, or name the run's directory with --run.out_dir")
-    saved = config_from_dict(_file_values(saved_path))
+    saved_path, notes = out_dir / "config.toml", []
+    if saved_path.is_file():
+        saved = config_from_dict(_file_values(saved_path))
+    elif previous_checkpoints(out_dir):  # config.toml lost: every checkpoint holds the run's config too
+        ckpt_path = find_checkpoint(out_dir, note=notes.append)
+        stored = load_checkpoint(ckpt_path)["config"]
+        saved = config_from_dict({f"{s}.{k}": v for s, section in stored.items() for k, v in section.items()})
+        notes.append(f"note: {saved_path} is missing: resuming with the configuration stored in {ckpt_path.name}")
+    else:
+        raise UserError(f"nothing to resume: {out_dir} has no ckpt.pt (no checkpoint at all): start a run there "
+                        f"first, or name the run's directory with --run.out_dir")
     if given.run.task != saved.run.task and given.is_set("run.task"):
         raise UserError(f"{out_dir} holds a {saved.run.task} run, but run.task = {given.run.task!r} here: resume it "
                         f"with its own config (python train.py --resume --run.out_dir={out_dir}) or choose another run.out_dir")
@@ -343,15 +350,16 @@ def resume_config(path: str | Path | None, overrides: list[str] = ()) -> tuple[C
         k = refused[0]
         raise UserError(f"--{k}={after[k]!r} would change the resumed run (it has {before[k]!r}): a resumed run "
                         f"continues exactly; change it in a new run (another run.out_dir, or --overwrite)")
-    notes = [f"note: resuming with {k} = {after[k]!r} (was {before[k]!r})" for k in changed]
-    if "run.max_iters" in changed and saved.optim.schedule != "constant" and not saved.optim.decay_iters:
-        notes[changed.index("run.max_iters")] += ": the learning-rate decay now ends there"
+    for k in changed:
+        notes.append(f"note: resuming with {k} = {after[k]!r} (was {before[k]!r})")
+        if k == "run.max_iters" and saved.optim.schedule != "constant" and not saved.optim.decay_iters:
+            notes[-1] += ": the learning-rate decay now ends there"
     if path is not None:
         from_file = flat_dict(given)
         ignored = sorted(k for k in given.explicit
                          if k not in over and k not in ("run.out_dir", "run.init_from") and before[k] != from_file[k])
         if ignored:
-            notes.append(f"note: resuming with the run's own {saved_path}; {path} differs in "
+            notes.append(f"note: resuming with the run's own configuration; {path} differs in "
                          f"{', '.join(ignored[:5])}{' ...' if len(ignored) > 5 else ''} (ignored)")
     return resumed, notes
 

@@ -73,12 +73,11 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         options = [o for o in self._option_string_actions if o.startswith("--")]
-        unknown = message.split("unrecognized arguments: ", 1)[1].split() if "unrecognized arguments" in message else []
-        for arg in unknown:
-            close = difflib.get_close_matches(arg.split("=", 1)[0], options, n=1, cutoff=0.6)
-            hint = f": did you mean {close[0]}?" if close else f": see {self.prog} --help"
-            raise UserError(f"unknown option {arg}{hint}")
-        raise UserError(f"{message}: see {self.prog} --help")
+        if "unrecognized arguments: " not in message:
+            raise UserError(f"{message}: see {self.prog} --help")
+        arg = message.split("unrecognized arguments: ", 1)[1].split()[0]  # the first one
+        close = difflib.get_close_matches(arg.split("=", 1)[0], options, n=1, cutoff=0.6)
+        raise UserError(f"unknown option {arg}" + (f": did you mean {close[0]}?" if close else f": see {self.prog} --help"))
 
 
 def exit_on_user_error(main: F) -> F:

@@ -11,7 +11,8 @@ default) score every token but the first exactly once, each with 1 to context
 tokens before it; a smaller --stride slides the window and scores each token
 once, with more context (up to `context` tokens); stride = context + 1 is the
 training layout (whole windows of context + 1 tokens; the first token of each
-is not scored), which reproduces the trainer's validation loss.
+is not scored): on the same windows it gives the trainer's validation loss
+(the trainer scores eval.eval_iters batches spread over the split).
 
 Reported per evaluated set and context: mean loss (nats per token), perplexity,
 and bits per byte: the total loss in bits over the UTF-8 bytes of the text the
@@ -35,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from gpt.atomic import atomic_path
+from gpt.atomic import atomic_path, check_writable
 from gpt.checkpoint import add_model_options, load_language_model
 from gpt.dataset import TokenDataset
 from gpt.errors import ArgumentParser, UserError, exit_on_user_error
@@ -108,11 +109,16 @@ def evaluate_tokens(model: GPT, tokens: np.ndarray, name: str, context: int, str
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # nats, tokens, bytes
     position = torch.zeros(2, context, dtype=torch.float64, device=device)  # loss sums, counts
     byte_lengths_t = torch.as_tensor(byte_lengths, device=device)
-    batches = _batches(windows(len(tokens), context, stride), batch_size)
+    found = windows(len(tokens), context, stride)
+    if not found:
+        raise UserError(f"{name} has {len(tokens)} tokens: too few for one window of the training layout "
+                        f"(context + 1 = {context + 1} tokens); use a smaller --stride or more text")
+    batches = _batches(found, batch_size)
     mine = batches[procs.rank :: procs.world_size]
     model.eval()
-    for batch in tqdm(mine, desc=f"{name} @ {context}", unit="batch", disable=progress is False or not procs.is_main
-                      or None, leave=False, file=sys.stderr):
+    shown = procs.is_main and progress is not False
+    disable = None if shown and progress is None else not shown  # None: a bar only on a terminal
+    for batch in tqdm(mine, desc=f"{name} @ {context}", unit="batch", disable=disable, leave=False, file=sys.stderr):
         length = batch[0][1]
         rows = np.stack([tokens[start : start + length + 1] for start, _, _ in batch]).astype(np.int64)
         rows = torch.from_numpy(rows).to(device)
@@ -168,6 +174,7 @@ def token_sets(args, tok: Tokenizer, run_data: str | None) -> list[tuple[str, np
                         f"tokens ({tok.vocab_size} ids): evaluate on data prepared with the model's tokenizer, or --text")
     if len(split) < 2:
         raise UserError(f"{split.path} holds {len(split)} token(s): nothing to evaluate")
+    split.check(1, tok.vocab_size)  # token ids the model has no embedding for: a damaged file
     return [(f"{args.split} ({data})", split.tokens)]
 
 
@@ -215,6 +222,10 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.batch_size < 1:
         raise UserError(f"--batch_size must be at least 1, got {args.batch_size}")
+    plot_path = None if args.plot is None else Path(args.plot or Path(args.out_dir or ".") / "evaluation.png")
+    for path, option in ((args.json, "--json"), (plot_path, "--plot")):
+        if path:
+            check_writable(path, option)  # before the work, not after
 
     device = pick_device(args.device)
     procs = start_processes(device)
@@ -223,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     contexts = _contexts(args.context, model.max_context())
     sets = token_sets(args, tok, run_data)
     byte_lengths = tok.byte_lengths()
-    results = [evaluate_tokens(model, tokens, name, c, args.stride or c, byte_lengths=byte_lengths,
+    results = [evaluate_tokens(model, tokens, name, c, c if args.stride is None else args.stride, byte_lengths=byte_lengths,
                                batch_size=args.batch_size, device=device, dtype=dtype, procs=procs)
                for name, tokens in sets for c in contexts]
     if torch.distributed.is_initialized():
@@ -235,10 +246,10 @@ def main(argv: list[str] | None = None) -> None:
         with atomic_path(args.json) as tmp:
             tmp.write_text(json.dumps([r.to_dict() for r in results], indent=1) + "\n")
         print(f"wrote {args.json}")
-    if args.plot is not None:
+    if plot_path is not None:
         from gpt.plot import plot_evaluation
 
-        plot_evaluation(results, Path(args.plot or Path(args.out_dir or ".") / "evaluation.png"))
+        plot_evaluation(results, plot_path)
 
 
 if __name__ == "__main__":

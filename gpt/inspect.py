@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gpt.atomic import check_writable
 from gpt.checkpoint import add_model_options, load_language_model
 from gpt.dataset import TokenDataset
 from gpt.errors import ArgumentParser, UserError, exit_on_user_error
@@ -79,7 +80,9 @@ def summary_tokens(args, tok: Tokenizer, run_data: str | None, block_size: int) 
     if args.summary_text:
         ids = tok.encode(Path(args.summary_text).read_text(encoding="utf-8"))
     elif run_data is not None:
-        ids = np.asarray(TokenDataset(run_data, "val").tokens[: 8 * block_size], dtype=np.int64).tolist()
+        data = TokenDataset(run_data, "val")
+        data.check(1, tok.vocab_size)  # token ids the model has no embedding for: a damaged file
+        ids = np.asarray(data.tokens[: 8 * block_size], dtype=np.int64).tolist()
     else:
         raise UserError("--summary needs longer text: give --summary_text=FILE")
     n = min(8, len(ids) // block_size)
@@ -96,7 +99,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--layers", help="layers to draw, e.g. 0,2 (default: all)")
     p.add_argument("--heads", help="heads to draw, e.g. 0,1 (default: all)")
     p.add_argument("--out", help="the picture (default: OUT_DIR/attention.png, or ./attention.png)")
-    p.add_argument("--summary", action="store_true", help="also draw per-head statistics (attention_summary.png)")
+    p.add_argument("--summary", action="store_true", help="also draw per-head statistics (attention_summary.png, "
+                   "beside the attention picture)")
     p.add_argument("--summary_text", help="the text for --summary (default: the run's validation data)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, ...: the explicit attention path is small")
     args = p.parse_args(argv)
@@ -113,18 +117,18 @@ def main(argv: list[str] | None = None) -> None:
         print(f"note: the prompt has {len(ids)} tokens, more than the model reads at once ({limit}): "
               f"drawing its last {limit}", file=sys.stderr)
         ids = ids[-limit:]
-    folder = Path(args.out_dir or ".")
+    picture = Path(args.out or Path(args.out_dir or ".") / "attention.png")
+    check_writable(picture, "--out")
 
     from gpt.plot import plot_attention, plot_attention_summary
 
     probs = model.attention_probabilities(torch.tensor([ids], device=device))[:, 0].float().cpu()  # (L, H, T, T)
-    plot_attention(probs.numpy(), [token_label(tok, i) for i in ids], Path(args.out or folder / "attention.png"),
-                   layers, heads)
+    plot_attention(probs.numpy(), [token_label(tok, i) for i in ids], picture, layers, heads)
     if args.summary:
         windows = summary_tokens(args, tok, run_data, model.config.block_size).to(device)
         per_window = [head_statistics(model.attention_probabilities(w[None]).float().cpu()) for w in windows]
         stats = {name: np.mean([s[name] for s in per_window], axis=0) for name in per_window[0]}
-        plot_attention_summary(stats, folder / "attention_summary.png")
+        plot_attention_summary(stats, picture.with_name("attention_summary.png"))
 
 
 if __name__ == "__main__":

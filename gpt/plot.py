@@ -50,7 +50,12 @@ def plot_metrics(metrics: Path, png: Path) -> Path | None:
     plt = _pyplot(png)
     if plt is None:
         return None
-    records = [json.loads(line) for line in Path(metrics).read_text().splitlines() if line]
+    records = []
+    for line in Path(metrics).read_text(errors="replace").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a torn last line (a run killed while writing it): the rest still draws
     steps = [r for r in records if "loss" in r]
     evals = [r for r in records if "val_loss" in r]
     fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=(3, 1))

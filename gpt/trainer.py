@@ -205,30 +205,21 @@ class Trainer:
             self.train_model = DDP(self.compiled, device_ids=[self.procs.local_rank] if self.device.type == "cuda" else None)
 
     def _start_outputs(self, resumed: bool) -> None:
-        """Once everything is set up: clear a previous run's checkpoints (a fresh run), write
-        config.toml, forget metrics past the resumed checkpoint, start wandb."""
-        self.start_iter = self.state.iter
+        """Once everything is set up: start wandb, write config.toml, forget metrics past the
+        resumed checkpoint; a new run in a used out_dir (--overwrite) starts a fresh metrics.jsonl,
+        and the old checkpoints go when the new run writes its first one (see save)."""
+        self.resumed, self.start_iter = resumed, self.state.iter
+        self.replacing = [] if resumed else previous_checkpoints(self.out_dir)
         self.metrics = self.out_dir / "metrics.jsonl"
         self.wandb = None
         self.stop_requested, self.tokens_since_log, self.phase = False, 0, "training"
         if not self.procs.is_main:
             return
-        self._start_wandb()  # the last thing that can fail: before anything is removed
+        self._start_wandb()  # the last thing that can fail: before anything is changed
         if not resumed:
-            self._clear_previous_run()
+            self.metrics.unlink(missing_ok=True)
         save_config(self.cfg, self.out_dir / "config.toml")
         self._trim_metrics()
-
-    def _clear_previous_run(self) -> None:
-        """A new run (--overwrite) in a used out_dir: its checkpoints and metrics go, now that
-        this run has set up; they would mix with the new ones."""
-        previous = previous_checkpoints(self.out_dir)
-        for path in previous:
-            path.unlink()
-        self.metrics.unlink(missing_ok=True)
-        if previous:
-            print(f"note: starting a new run in {self.out_dir}: removed the previous run's "
-                  f"{len(previous)} checkpoint file(s)")
 
     def _trim_metrics(self) -> None:
         """On resume, forget records written after the checkpoint (they are about to be redone),
@@ -290,7 +281,7 @@ class Trainer:
 
     def _loop(self) -> None:
         cfg, state = self.cfg, self.state
-        if state.iter >= cfg.run.max_iters and self.start_iter == state.iter and not self.resumed_before_eval:
+        if self.resumed and state.iter >= cfg.run.max_iters and not self.resumed_before_eval:
             self.procs.note(f"the run already finished at iteration {state.iter} (run.max_iters): "
                             f"to train on, resume with a larger --run.max_iters")
             return
@@ -311,8 +302,9 @@ class Trainer:
             result = self.step(lr)
             if result is None:  # a stop request between micro-steps: the step was dropped
                 self.procs.note(f"stopping at iteration {state.iter} (signal received; the unfinished step is "
-                                f"dropped): writing a checkpoint")
-                self.save(metrics=None)
+                                f"dropped)" + ("" if evaluated_at == state.iter else ": writing a checkpoint"))
+                if evaluated_at != state.iter:  # else the evaluation's checkpoint is this very state
+                    self.save(metrics=None)
                 return
             loss, grad_norm, stop = result
             state.iter += 1
@@ -353,7 +345,7 @@ class Trainer:
                       torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None)
         total = torch.zeros((), device=self.device)
         for micro in range(self.grad_accum):
-            if droppable and micro > 0 and self.stop_requested:
+            if droppable and self.stop_requested:
                 self.optimizer.zero_grad(set_to_none=True)
                 self.task.load_state_dict(before[0])
                 torch.set_rng_state(before[1])
@@ -394,7 +386,8 @@ class Trainer:
 
     def _eval_batch(self):
         """The context of one evaluation batch: mixed precision, after a check for a stop request
-        (one process only: under torchrun the processes agree on stopping after the evaluation)."""
+        (one process only: under torchrun the stop lands at the end of the next training step,
+        where the processes agree on it)."""
         if self.stop_requested and self.procs.world_size == 1:
             raise _Stopped
         return self._autocast()
@@ -468,7 +461,17 @@ class Trainer:
             **self.state.state_dict(),
             "metrics": metrics,
         }
+        if self.replacing:  # --overwrite: the old run's numbered checkpoints go before the first new one
+            for old in self.replacing:
+                if old.name.startswith("ckpt-"):
+                    old.unlink(missing_ok=True)
         save_checkpoint(state, self.out_dir, keep_last=self.cfg.run.keep_last, is_best=is_best)
+        if self.replacing:  # ckpt.pt now points at the new run; an old best.pt must not pass for its best
+            if not is_best:
+                (self.out_dir / BEST).unlink(missing_ok=True)
+            print(f"note: a new run in {self.out_dir}: the previous run's {len(self.replacing)} checkpoint "
+                  f"file(s) are replaced")
+            self.replacing = []
 
     # ---- logging -------------------------------------------------------------------------------
 
@@ -499,12 +502,17 @@ class Trainer:
         if self.stop_requested and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now
         self.stop_requested = True
-        if self.procs.is_main:
-            now = ("stopping after this evaluation batch" if self.phase == "evaluation" and self.procs.world_size == 1
-                   else "finishing this evaluation" if self.phase == "evaluation"
-                   else "stopping after this micro-step" if self.grad_accum > 1 and self.procs.world_size == 1
-                   else "finishing this step")
-            print(f"\n{signal.Signals(signum).name}: {now}, then saving (Ctrl-C again to abort)", flush=True)
+        if not self.procs.is_main:
+            return
+        if self.procs.world_size > 1:  # the processes agree on stopping at the end of a step
+            now = "finishing this step"
+        elif self.phase == "evaluation":
+            now = "stopping after this evaluation batch"
+        elif self.grad_accum > 1:
+            now = "stopping after this micro-step"
+        else:
+            now = "finishing this step"
+        print(f"\n{signal.Signals(signum).name}: {now}, then saving (Ctrl-C again to abort)", flush=True)
 
 
 def _duration(seconds: float) -> str:

@@ -119,3 +119,33 @@ def test_sigterm_between_micro_steps_drops_the_step_and_resumes_exactly(char_dat
     assert stopped_at < 4
     train.main(args(char_data, out, *more, "--resume"))
     assert step_losses(out) == step_losses(tmp_path / "whole")  # bit for bit, dropout included
+
+
+def test_resume_without_config_toml_uses_the_configuration_in_the_checkpoint(char_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    train.main(args(char_data, out, "--max_iters=4", "--optim.lr=1e-3"))
+    (out / "config.toml").unlink()
+    train.main(["--resume", f"--run.out_dir={out}", "--max_iters=6"])
+    assert "config.toml is missing: resuming with the configuration stored in ckpt.pt" in capsys.readouterr().out
+    assert load_checkpoint(out / "ckpt.pt")["config"]["optim"]["lr"] == 1e-3
+
+
+def test_a_step_dropped_right_after_an_evaluation_keeps_its_metrics(char_data, tmp_path):
+    """SIGTERM during the last evaluation batch: the evaluation completes, the next step is dropped,
+    and the evaluation's checkpoint (with its metrics) stays; resuming does not evaluate again."""
+    more = ["--max_iters=8", "--batch.grad_accum=400", "--eval.eval_interval=1", "--eval.eval_iters=1"]
+    train.main(args(char_data, tmp_path / "whole", *more))
+    out = tmp_path / "parts"
+    _stop_during(char_data, out, more, "eval 1:")
+    ckpt = load_checkpoint(out / "ckpt.pt")
+    assert ckpt["metrics"] is not None  # no checkpoint without metrics was written over it
+    train.main(args(char_data, out, *more, "--resume"))
+    evals = [r["iter"] for r in records(out) if "val_loss" in r]
+    assert evals == sorted(set(evals)) == list(range(1, 9))  # each iteration evaluated once
+    assert step_losses(out) == step_losses(tmp_path / "whole")
+
+
+def test_a_new_run_of_zero_iterations_evaluates_the_initial_model(char_data, tmp_path):
+    train.main(args(char_data, tmp_path / "run", "--max_iters=0"))
+    ckpt = load_checkpoint(tmp_path / "run" / "ckpt.pt")
+    assert ckpt["iter"] == 0 and ckpt["metrics"]["val_loss"] > 0

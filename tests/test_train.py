@@ -84,7 +84,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(data_dir, tmp_path):
     assert one.returncode == 0, one.stderr
     two = run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
                   *args(data_dir, tmp_path / "two", "--max_iters=6", "--batch.tokens_per_step=256"), env={"OMP_NUM_THREADS": "1"})
-    assert two.returncode == 0, two.stderr[-4000:]
+    assert two.returncode == 0, f"exit {two.returncode}\n{two.stdout[-2000:]}\n{two.stderr[-6000:]}"  # kept for diagnosis
     assert "2 process(es), 256 tokens per step (4 x 32 x 1 accumulation x 2)" in two.stdout
     assert "1 process(es), 256 tokens per step (4 x 32 x 2 accumulation x 1)" in one.stdout
     l1, l2 = step_losses(tmp_path / "one"), step_losses(tmp_path / "two")
@@ -156,7 +156,8 @@ def test_schedules_and_fresh_start_in_a_used_out_dir(data_dir, tmp_path, capsys)
                f"with --resume, start again there with --overwrite")
     assert load_checkpoint(out / "ckpt.pt")["iter"] == 6  # nothing was removed
     train.main(args(data_dir, out, "--max_iters=2", "--optim.schedule=constant", "--overwrite"))
-    assert "removed the previous run's" in capsys.readouterr().out
+    assert "the previous run's 4 checkpoint file(s) are replaced" in capsys.readouterr().out
+    assert sorted(p.name for p in out.glob("*.pt")) == ["best.pt", "ckpt-0000002.pt", "ckpt.pt"]
     assert [r["iter"] for r in metrics(out) if "loss" in r] == [1, 2]
     assert load_checkpoint(out / "ckpt.pt")["iter"] == 2
 
