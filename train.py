@@ -17,7 +17,7 @@ model, data). A new run refuses an out_dir that holds checkpoints unless
 has started.
 """
 
-import os
+import difflib
 import sys
 
 from gpt.config import load_config, resume_config
@@ -36,16 +36,22 @@ def main(argv: list[str] | None = None) -> None:
     path = args.pop(0) if not args[0].startswith("--") else None
     resume, overwrite = "--resume" in args, "--overwrite" in args
     args = [a for a in args if a not in FLAGS]
+    for arg in args:  # a misspelt flag (--resum) would otherwise read as a config override
+        if arg.startswith("--") and "=" not in arg:
+            close = difflib.get_close_matches(arg, FLAGS, n=1)
+            raise UserError(f"unknown flag {arg}" + (f": did you mean {close[0]}?" if close else
+                                                     ": overrides are --key=value; the flags are --resume, --overwrite"))
     if resume and overwrite:
         raise UserError("--resume continues a run and --overwrite replaces it: give one of them")
     if resume or load_config(path, args).run.init_from == "resume":
         cfg, notes = resume_config(path, [a for a in args if not a.startswith("--run.init_from=")])
-        if notes and os.environ.get("RANK", "0") == "0":  # once under torchrun
-            print("\n".join(notes))
     else:
-        cfg = load_config(path, args)
+        cfg, notes = load_config(path, args), []
     try:
-        Trainer(cfg, overwrite=overwrite).train()
+        trainer = Trainer(cfg, overwrite=overwrite)
+        if notes and trainer.procs.is_main:  # once set up: a failed start prints its error alone
+            print("\n".join(notes))
+        trainer.train()
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -111,6 +111,8 @@ def save_checkpoint(state: dict, out_dir: str | Path, *, keep_last: int, is_best
 def load_checkpoint(path: str | Path) -> dict:
     """A checkpoint's dict, tensors on the CPU. Only tensors and plain values are unpickled."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a directory: name a checkpoint file in it, e.g. {path / LATEST}")
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}: train first, or point to a directory that has {LATEST}")
     try:

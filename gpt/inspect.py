@@ -78,7 +78,10 @@ def _pick(text: str | None, count: int, what: str) -> list[int]:
 def summary_tokens(args, tok: Tokenizer, run_data: str | None, block_size: int) -> torch.Tensor:
     """Up to 8 windows of block_size tokens of longer text, for the per-head statistics."""
     if args.summary_text:
-        ids = tok.encode(Path(args.summary_text).read_text(encoding="utf-8"))
+        try:
+            ids = tok.encode(Path(args.summary_text).read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise UserError(f"--summary_text {args.summary_text} is not UTF-8 text: save it as UTF-8") from None
     elif run_data is not None:
         data = TokenDataset(run_data, "val")
         data.check(1, tok.vocab_size)  # token ids the model has no embedding for: a damaged file
@@ -122,10 +125,10 @@ def main(argv: list[str] | None = None) -> None:
 
     from gpt.plot import plot_attention, plot_attention_summary
 
+    windows = summary_tokens(args, tok, run_data, model.config.block_size).to(device) if args.summary else None
     probs = model.attention_probabilities(torch.tensor([ids], device=device))[:, 0].float().cpu()  # (L, H, T, T)
     plot_attention(probs.numpy(), [token_label(tok, i) for i in ids], picture, layers, heads)
-    if args.summary:
-        windows = summary_tokens(args, tok, run_data, model.config.block_size).to(device)
+    if windows is not None:
         per_window = [head_statistics(model.attention_probabilities(w[None]).float().cpu()) for w in windows]
         stats = {name: np.mean([s[name] for s in per_window], axis=0) for name in per_window[0]}
         plot_attention_summary(stats, picture.with_name("attention_summary.png"))

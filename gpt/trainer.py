@@ -209,17 +209,32 @@ class Trainer:
         resumed checkpoint; a new run in a used out_dir (--overwrite) starts a fresh metrics.jsonl,
         and the old checkpoints go when the new run writes its first one (see save)."""
         self.resumed, self.start_iter = resumed, self.state.iter
-        self.replacing = [] if resumed else previous_checkpoints(self.out_dir)
+        max_iters = self.cfg.run.max_iters
+        if resumed and self.state.iter > max_iters:
+            raise UserError(f"the run is at iteration {self.state.iter}, beyond run.max_iters = {max_iters}: "
+                            f"give --max_iters above {self.state.iter} to train on")
+        self.finished = resumed and self.state.iter == max_iters and not self.resumed_before_eval
         self.metrics = self.out_dir / "metrics.jsonl"
         self.wandb = None
         self.stop_requested, self.tokens_since_log, self.phase = False, 0, "training"
-        if not self.procs.is_main:
+        if not self.procs.is_main or self.finished:  # a finished run is left exactly as it is
             return
         self._start_wandb()  # the last thing that can fail: before anything is changed
         if not resumed:
-            self.metrics.unlink(missing_ok=True)
+            self._clear_previous_run()
         save_config(self.cfg, self.out_dir / "config.toml")
         self._trim_metrics()
+
+    def _clear_previous_run(self) -> None:
+        """A new run (--overwrite) in a used out_dir, now that it has set up: the old run's
+        checkpoints and metrics go together, so the directory never holds half of each."""
+        previous = previous_checkpoints(self.out_dir)
+        for path in previous:
+            path.unlink()
+        self.metrics.unlink(missing_ok=True)
+        if previous:
+            print(f"note: a new run in {self.out_dir}: the previous run's {len(previous)} checkpoint file(s) "
+                  f"are replaced")
 
     def _trim_metrics(self) -> None:
         """On resume, forget records written after the checkpoint (they are about to be redone),
@@ -281,7 +296,7 @@ class Trainer:
 
     def _loop(self) -> None:
         cfg, state = self.cfg, self.state
-        if self.resumed and state.iter >= cfg.run.max_iters and not self.resumed_before_eval:
+        if self.finished:
             self.procs.note(f"the run already finished at iteration {state.iter} (run.max_iters): "
                             f"to train on, resume with a larger --run.max_iters")
             return
@@ -461,17 +476,7 @@ class Trainer:
             **self.state.state_dict(),
             "metrics": metrics,
         }
-        if self.replacing:  # --overwrite: the old run's numbered checkpoints go before the first new one
-            for old in self.replacing:
-                if old.name.startswith("ckpt-"):
-                    old.unlink(missing_ok=True)
         save_checkpoint(state, self.out_dir, keep_last=self.cfg.run.keep_last, is_best=is_best)
-        if self.replacing:  # ckpt.pt now points at the new run; an old best.pt must not pass for its best
-            if not is_best:
-                (self.out_dir / BEST).unlink(missing_ok=True)
-            print(f"note: a new run in {self.out_dir}: the previous run's {len(self.replacing)} checkpoint "
-                  f"file(s) are replaced")
-            self.replacing = []
 
     # ---- logging -------------------------------------------------------------------------------
 

@@ -105,6 +105,9 @@ TRAIN = [
     ("not key=value", lambda c: [str(c.file("c.toml", "")), "max_iters"], "cannot read argument 'max_iters'"),
     ("forgotten --resume", lambda c: c.train(f"--run.out_dir={c.lm_copy()}"), "holds another run"),
     ("resume and overwrite", lambda c: c.train("--resume", "--overwrite"), "give one of them"),
+    ("misspelt flag", lambda c: c.train("--resum"), "unknown flag --resum: did you mean --resume?"),
+    ("resume below the run's iteration", lambda c: ["--resume", f"--run.out_dir={c.lm_copy()}", "--max_iters=1"],
+     "the run is at iteration 2, beyond run.max_iters = 1"),
     ("nothing to resume", lambda c: c.train("--resume"), "nothing to resume"),
     ("resume changes lr", lambda c: ["--resume", f"--run.out_dir={c.lm_copy()}", "--optim.lr=1e-2"],
      "would change the resumed run"),
@@ -197,6 +200,7 @@ def _byte_data(c: Case) -> str:
 EVALUATE = [
     ("unknown out_dir", lambda c: [f"--out_dir={c.tmp / 'none'}"], "no checkpoint at"),
     ("unknown ckpt", lambda c: [f"--out_dir={c.w['lm']}", "--ckpt=nope.pt"], "no checkpoint at"),
+    ("ckpt is a directory", lambda c: [f"--out_dir={c.w['lm']}", f"--ckpt={c.w['lm']}"], "is a directory: name a checkpoint file"),
     ("a classifier", lambda c: [f"--out_dir={c.w['clf']}"], "is a classify checkpoint, not a language model"),
     ("empty text file", lambda c: [f"--out_dir={c.w['lm']}", "--text", str(c.file("e.txt", ""))], "is empty"),
     ("context 0", lambda c: [f"--out_dir={c.w['lm']}", "--context=0"], "--context=0 must be at least 1"),
@@ -216,6 +220,8 @@ INSPECT = [
      "--layers=0,5: 5 is out of range; the model has 1 layers (0 to 0)"),
     ("heads out of range", lambda c: [f"--out_dir={c.w['lm']}", "--prompt=ROMEO", "--heads=-1"], "-1 is out of range"),
     ("empty prompt", lambda c: [f"--out_dir={c.w['lm']}", "--prompt="], "--prompt is empty"),
+    ("missing summary text: no picture drawn", lambda c: [f"--out_dir={c.w['lm']}", "--prompt=RO", "--summary",
+                                                           f"--summary_text={c.tmp / 'none.txt'}"], "No such file"),
     ("a classifier", lambda c: [f"--out_dir={c.w['clf']}", "--prompt=hi"], "is a classify checkpoint, not a language model"),
     ("unknown out_dir", lambda c: [f"--out_dir={c.tmp / 'none'}", "--prompt=hi"], "no checkpoint at"),
     ("prompt outside the vocabulary", lambda c: [f"--out_dir={c.w['lm']}", "--prompt=🚀"], "not in this char tokenizer's"),
@@ -239,7 +245,8 @@ def test_a_bad_command_line_exits_2_with_one_line(world, tmp_path, capsys, monke
     assert e.value.code == 2, err
     assert err.startswith("error: ") and len(err.splitlines()) == 1 and len(err) < 400, err
     assert words in err, err
-    assert {p: p.stat().st_mtime_ns for p in world["lm"].iterdir()} == before  # the shared runs are untouched
+    assert {p: p.stat().st_mtime_ns for p in world["lm"].iterdir()} == before  # the shared runs are untouched,
+    # nothing was added to them either (gpt.inspect draws into --out_dir only after every check)
     assert not list(tmp_path.rglob(".*.tmp-*"))  # no temporary file left behind
 
 

@@ -76,10 +76,10 @@ def test_resume_without_ckpt_pt_uses_the_newest_numbered_checkpoint(char_data, t
 def test_resuming_a_finished_run_adds_no_record(char_data, tmp_path, capsys):
     out = tmp_path / "run"
     train.main(args(char_data, out, "--max_iters=4"))
-    before = (out / "metrics.jsonl").read_text()
+    before = {name: (out / name).read_bytes() for name in ("metrics.jsonl", "config.toml", "ckpt.pt")}
     train.main(args(char_data, out, "--max_iters=4", "--resume"))
     assert "already finished at iteration 4" in capsys.readouterr().out
-    assert (out / "metrics.jsonl").read_text() == before
+    assert {name: (out / name).read_bytes() for name in before} == before  # left exactly as it was
 
 
 def _stop_during(char_data, out, more, when, delay=0.0):
