@@ -20,7 +20,9 @@ scored tokens stand for (end-of-text ids stand for none). A character model and
 a GPT-2-BPE model score different numbers of tokens on the same text, so only
 bits per byte compares them. The loss at each position of the window shows how
 much context helps. How long a context may be is the model's to say
-(GPT.max_context()): learned position embeddings stop at block_size.
+(GPT.max_context()): learned position embeddings stop at block_size; the other
+position schemes read any length, which is how --context=256,512,1024 on a model
+trained at 128 measures length extrapolation.
 """
 
 from __future__ import annotations
@@ -190,17 +192,18 @@ def print_table(results: list[Result]) -> None:
 # ---- command line -------------------------------------------------------------------------------------
 
 
-def _contexts(text: str | None, limit: int | None) -> list[int]:
+def _contexts(text: str | None, limit: int | None, default: int) -> list[int]:
     try:
-        contexts = [int(c) for c in text.split(",")] if text else [limit]
+        contexts = [int(c) for c in text.split(",")] if text else [default]
     except ValueError:
         raise UserError(f"--context={text} must be comma-separated whole numbers, e.g. 128,256,512") from None
     for c in contexts:
-        if c is None or c < 1:
+        if c < 1:
             raise UserError(f"--context={c} must be at least 1 token")
         if limit is not None and c > limit:
             raise UserError(f"--context={c} is longer than this model can read: its learned position embeddings "
-                            f"cover block_size = {limit} positions; use at most {limit}")
+                            f"cover block_size = {limit} positions; use at most {limit} (models with "
+                            f"position = sinusoidal, rope, alibi or none read any length)")
     return contexts
 
 
@@ -231,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     procs = start_processes(device)
     dtype = pick_dtype(args.dtype, device)
     model, tok, run_data = load_language_model(args, device)
-    contexts = _contexts(args.context, model.max_context())
+    contexts = _contexts(args.context, model.max_context(), model.config.block_size)
     sets = token_sets(args, tok, run_data)
     byte_lengths = tok.byte_lengths()
     results = [evaluate_tokens(model, tokens, name, c, c if args.stride is None else args.stride, byte_lengths=byte_lengths,

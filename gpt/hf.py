@@ -179,8 +179,22 @@ def state_dict_from_hf(hf_state: dict[str, torch.Tensor], config: GPTConfig) -> 
 # ---- saving -----------------------------------------------------------------------
 
 
+def not_gpt2(config: GPTConfig) -> list[str]:
+    """The architecture switches set away from GPT-2's, as 'field = value' (empty for a GPT-2)."""
+    gpt2 = GPTConfig()
+    fields = ("position", "norm", "norm_position", "attention_window")
+    changed = [f"{f} = {getattr(config, f)!r}" for f in fields if getattr(config, f) != getattr(gpt2, f)]
+    if config.kv_heads != config.n_head:
+        changed.append(f"n_kv_head = {config.n_kv_head}")
+    return changed
+
+
 def save_pretrained(model: GPT, directory: str | Path) -> None:
     """Write a directory that transformers.GPT2LMHeadModel.from_pretrained loads with equal logits."""
+    changed = not_gpt2(model.config)
+    if changed:
+        raise UserError(f"only a GPT-2 architecture can be exported to Hugging Face GPT2LMHeadModel; this model has "
+                        f"{', '.join(changed)}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = state_dict_to_hf(model)

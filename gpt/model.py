@@ -6,6 +6,10 @@ ties them together and adds the loss, parameter and FLOP counts and MFU; then
 GPTClassifier (a GPT with a classification head) and pad_sequences (a batch of
 token lists of different lengths and its attention mask).
 
+The defaults are GPT-2 exactly. Switches in GPTConfig turn on the ideas that came
+after it: other position encodings (gpt/positions.py explains each), RMSNorm,
+post-norm blocks, local (windowed) attention and grouped-query attention.
+
 This module knows nothing of training, files, tokenizers or other formats: it
 is the network alone. Module and parameter names follow GPT-2
 (transformer.h.0.attn.c_attn, ...), so converting to and from Hugging Face
@@ -26,7 +30,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt.errors import UserError
+from gpt.positions import POSITIONS, alibi_slopes, apply_rope, rope_angles, sinusoidal
 from gpt.system import device_peak_flops
+
+NORMS = ("layernorm", "rmsnorm")
+NORM_POSITIONS = ("pre", "post")
 
 
 @dataclass
@@ -41,7 +49,14 @@ class GPTConfig:
     # Embedding / LM-head rows are padded to a multiple of this (64 makes the head's
     # matmul noticeably faster on GPUs). Padded ids never reach callers. 1 turns it off.
     vocab_multiple: int = 64
-    layer_norm_eps: float = 1e-5
+    layer_norm_eps: float = 1e-5  # the epsilon of every norm layer (LayerNorm or RMSNorm)
+    # -- the architecture switches (see the README's "Model" section); defaults are GPT-2 --
+    position: str = "learned"  # "learned" | "sinusoidal" | "rope" | "alibi" | "none" (gpt/positions.py)
+    rope_base: float = 10000.0  # RoPE: angle of dimension pair i is position * rope_base^(-2i/head_dim)
+    norm: str = "layernorm"  # "layernorm" | "rmsnorm" (scale only: no mean, no bias)
+    norm_position: str = "pre"  # "pre": x + f(norm(x)) (GPT-2); "post": norm(x + f(x)) (the 2017 Transformer)
+    attention_window: int = 0  # > 0: each token attends to at most this many most recent tokens
+    n_kv_head: int = 0  # key/value heads, shared by groups of query heads; 0 = n_head (1 = multi-query)
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "vocab_multiple"):
@@ -57,6 +72,21 @@ class GPTConfig:
             raise UserError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if not self.layer_norm_eps > 0:
             raise UserError(f"layer_norm_eps must be positive, got {self.layer_norm_eps!r}")
+        for name, allowed in (("position", POSITIONS), ("norm", NORMS), ("norm_position", NORM_POSITIONS)):
+            if getattr(self, name) not in allowed:
+                raise UserError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {getattr(self, name)!r}")
+        if self.position == "rope" and self.head_dim % 2:
+            raise UserError(f"position = 'rope' rotates pairs of dimensions, but the head dimension "
+                            f"n_embd / n_head = {self.head_dim} is odd: make it even")
+        if not self.rope_base > 0:
+            raise UserError(f"rope_base must be positive, got {self.rope_base!r}")
+        for name in ("attention_window", "n_kv_head"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise UserError(f"{name} must be a whole number >= 0 (0 = off), got {value!r}")
+        if self.n_head % self.kv_heads:
+            raise UserError(f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head}): each key/value "
+                            f"head serves an equal group of query heads")
 
     @property
     def padded_vocab_size(self) -> int:
@@ -66,16 +96,31 @@ class GPTConfig:
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def extrapolates(self) -> bool:
+        """Whether the position scheme is defined at any length (all but learned positions)."""
+        return self.position != "learned"
+
     def parameter_count(self) -> int:
         """The numbers GPT(config) allocates (padded vocabulary included), without allocating."""
         C, b = self.n_embd, int(self.bias)
-        norm = C * (1 + b)
-        block = 2 * norm + (3 * C * C + 3 * C * b) + (C * C + C * b) + (4 * C * C + 4 * C * b) + (4 * C * C + C * b)
-        return self.padded_vocab_size * C + self.block_size * C + self.n_layer * block + norm
+        kv = 2 * self.kv_heads * self.head_dim
+        norm = C * (1 + b) if self.norm == "layernorm" else C
+        attention = C * (C + kv) + (C + kv) * b + C * C + C * b
+        block = 2 * norm + attention + (4 * C * C + 4 * C * b) + (4 * C * C + C * b)
+        positions = self.block_size * C if self.position == "learned" else 0
+        final_norm = norm if self.norm_position == "pre" else 0
+        return self.padded_vocab_size * C + positions + self.n_layer * block + final_norm
 
 
 class KVCache:
-    """Keys and values of every layer for the tokens seen so far, preallocated to block_size.
+    """Keys and values of every layer for the tokens seen so far, preallocated to `length`
+    positions (default block_size; models whose positions extrapolate may ask for more).
+    With grouped-query attention it holds the n_kv_head key/value heads only.
 
     All rows hold the same number of positions (`length`). A mixed-length batch is
     left-padded: `key_mask` remembers which cached positions are real tokens, so no
@@ -86,11 +131,13 @@ class KVCache:
     copied for several samples, or the winning candidate of contrastive search kept.
     """
 
-    def __init__(self, config: GPTConfig, batch_size: int, *, device=None, dtype=torch.float32):
-        shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.head_dim)
+    def __init__(self, config: GPTConfig, batch_size: int, *, length: int | None = None, device=None,
+                 dtype=torch.float32):
+        length = length or config.block_size
+        shape = (config.n_layer, batch_size, config.kv_heads, length, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.key_mask = torch.ones(batch_size, config.block_size, device=device, dtype=torch.bool)
+        self.key_mask = torch.ones(batch_size, length, device=device, dtype=torch.bool)
         self.n_tokens = torch.zeros(batch_size, device=device, dtype=torch.long)
         self.length = 0
         self.has_padding = False
@@ -108,7 +155,7 @@ class KVCache:
         return self.k.size(3)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store this step's (B, H, T, D) keys/values of one layer; return all of them so far."""
+        """Store this step's (B, n_kv_head, T, D) keys/values of one layer; return all of them so far."""
         end = self.length + k.size(2)
         self.k[layer, :, :, self.length : end] = k
         self.v[layer, :, :, self.length : end] = v
@@ -141,23 +188,35 @@ class KVCache:
 
 
 class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention. With n_kv_head < n_head (grouped-query attention),
+    each key/value head is shared by n_head / n_kv_head query heads: fewer keys and values
+    to compute and, above all, to keep in the KV cache while decoding."""
+
     def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
         self.layer = layer  # index into the KV cache
-        self.n_head = config.n_head
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
         self.dropout = config.dropout
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # fused q, k, v
+        kv = 2 * self.n_kv_head * self.head_dim
+        self.c_attn = nn.Linear(config.n_embd, config.n_embd + kv, bias=config.bias)  # fused q, k, v
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.keep_probs = False  # inspection: compute attention explicitly and keep the probabilities
         self.probs: torch.Tensor | None = None  # (B, H, T, S), when keep_probs
 
-    def forward(self, x, attn_mask=None, kv_cache: KVCache | None = None):
+    def forward(self, x, attn_mask=None, rope=None, kv_cache: KVCache | None = None):
+        """x (B, T, C). attn_mask: see GPT._positions_and_mask. rope: (cos, sin) of the new
+        positions (RoPE only). The cache stores keys after rotation, so they are rotated once."""
         B, T, C = x.shape
-        # (B, T, 3C) -> three (B, H, T, D) tensors
-        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = self.c_attn(x).split([C, Hkv * D, Hkv * D], dim=-1)
+        q, k, v = q.view(B, T, H, D).transpose(1, 2), k.view(B, T, Hkv, D).transpose(1, 2), v.view(B, T, Hkv, D).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:
-            k, v = kv_cache.update(self.layer, k, v)  # (B, H, S, D)
+            k, v = kv_cache.update(self.layer, k, v)  # (B, Hkv, S, D)
+        if Hkv != H:  # each key/value head serves H / Hkv consecutive query heads
+            k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
         y = self.attend(q, k, v, attn_mask)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -165,18 +224,19 @@ class CausalSelfAttention(nn.Module):
     def attend(self, q, k, v, attn_mask):
         """softmax(q kᵀ / √D + mask) v, by PyTorch's fused kernels (flash / memory-efficient on GPU).
 
-        attn_mask None means plain causal attention: GPT.hidden_states passes an explicit
-        (B, 1, T, S) boolean mask whenever that is not enough (a cache with T > 1, padding).
+        attn_mask None means plain causal attention; else a boolean mask (True = may attend)
+        or, with ALiBi, a float bias added to the scores (-inf = may not attend).
         """
         if self.keep_probs:
             return self.attend_explicitly(q, k, v, attn_mask)
+        if attn_mask is not None and attn_mask.is_floating_point():
+            attn_mask = attn_mask.to(q.dtype)  # the fused kernels want the bias in q's dtype (bf16 under autocast)
         return F.scaled_dot_product_attention(
             q, k, v,
             attn_mask=attn_mask,
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=attn_mask is None and q.size(2) > 1,
         )
-
 
     def attend_explicitly(self, q, k, v, attn_mask):
         """The same attention written out, step by step, keeping the probabilities in self.probs.
@@ -185,7 +245,11 @@ class CausalSelfAttention(nn.Module):
         scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, H, T, S)
         if attn_mask is None:  # causal: query t sees keys up to its own position (S - T + t)
             attn_mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
-        probs = scores.masked_fill(~attn_mask, float("-inf")).softmax(dim=-1)
+        if attn_mask.is_floating_point():
+            scores = scores + attn_mask
+        else:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        probs = scores.softmax(dim=-1)
         self.probs = probs.detach()
         return F.dropout(probs, self.dropout, self.training) @ v
 
@@ -202,18 +266,37 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
 
 
+def norm_layer(config: GPTConfig) -> nn.Module:
+    """LayerNorm (subtract the mean, divide by the standard deviation, scale and shift) or
+    RMSNorm (Zhang & Sennrich 2019: divide by the root mean square and scale; cheaper, and
+    in practice as good)."""
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd, eps=config.layer_norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+
+
 class Block(nn.Module):
-    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+    """A transformer block: attention, then an MLP, each added to the residual stream x.
+
+    Pre-norm (GPT-2): x + attn(ln_1(x)), then x + mlp(ln_2(x)); the residual stream itself
+    is never normalised, which keeps deep stacks easy to train.
+    Post-norm (the 2017 Transformer): ln_1(x + attn(x)), then ln_2(x + mlp(x)); every
+    block's output is normalised, and training usually needs a learning-rate warmup.
+    """
 
     def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.post_norm = config.norm_position == "post"
+        self.ln_1 = norm_layer(config)
         self.attn = CausalSelfAttention(config, layer)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.ln_2 = norm_layer(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, attn_mask=None, kv_cache: KVCache | None = None):
-        x = x + self.attn(self.ln_1(x), attn_mask, kv_cache)
+    def forward(self, x, attn_mask=None, rope=None, kv_cache: KVCache | None = None):
+        if self.post_norm:
+            x = self.ln_1(x + self.attn(x, attn_mask, rope, kv_cache))
+            return self.ln_2(x + self.mlp(x))
+        x = x + self.attn(self.ln_1(x), attn_mask, rope, kv_cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -222,17 +305,18 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         C = config.n_embd
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.padded_vocab_size, C),
-                wpe=nn.Embedding(config.block_size, C),
-                drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
-                ln_f=nn.LayerNorm(C, eps=config.layer_norm_eps, bias=config.bias),
-            )
-        )
+        layers = dict(wte=nn.Embedding(config.padded_vocab_size, C))
+        if config.position == "learned":
+            layers["wpe"] = nn.Embedding(config.block_size, C)
+        layers["drop"] = nn.Dropout(config.dropout)
+        layers["h"] = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        # post-norm blocks end normalised already; pre-norm needs a last norm before the head
+        layers["ln_f"] = norm_layer(config) if config.norm_position == "pre" else nn.Identity()
+        self.transformer = nn.ModuleDict(layers)
         self.lm_head = nn.Linear(C, config.padded_vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied input/output embedding
+        if config.position == "alibi":  # a constant, not a weight: kept out of the state_dict
+            self.register_buffer("alibi_slopes", alibi_slopes(config.n_head), persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -243,7 +327,7 @@ class GPT(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
-            if isinstance(module, nn.LayerNorm):
+            if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
                 module.reset_parameters()
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
@@ -298,49 +382,75 @@ class GPT(nn.Module):
             raise UserError(f"the KV cache holds {kv_cache.batch_size} rows but idx has {B}: "
                             f"repeat or select the cache's rows to match")
         past = kv_cache.length if kv_cache is not None else 0
-        limit = kv_cache.capacity if kv_cache is not None else self.config.block_size
-        if past + T > limit:
+        if kv_cache is None and self.max_context() is not None and T > self.max_context():
             raise UserError(
-                f"sequence of {past + T} tokens is longer than the model's block_size "
-                f"({self.config.block_size}): keep only the last {self.config.block_size} tokens"
+                f"sequence of {T} tokens is longer than the model's block_size ({self.config.block_size}): keep only "
+                f"the last {self.config.block_size} tokens (learned positions stop there; other schemes do not)"
             )
+        if kv_cache is not None and past + T > kv_cache.capacity:
+            raise UserError(f"sequence of {past + T} tokens is longer than the model's block_size / the KV cache's "
+                            f"{kv_cache.capacity} positions: keep only the last {kv_cache.capacity} tokens")
         real = None
         if attention_mask is not None and not bool(attention_mask.all()):
             real = attention_mask.to(device=idx.device, dtype=torch.bool)
         pos, attn_mask = self._positions_and_mask(B, T, real, kv_cache, idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        x = self.transformer.drop(self.embed(idx, pos))
+        rope = rope_angles(pos, self.config.head_dim, self.config.rope_base) if self.config.position == "rope" else None
         for block in self.transformer.h:
-            x = block(x, attn_mask, kv_cache)
+            x = block(x, attn_mask, rope, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(real, T)
         return self.transformer.ln_f(x)
 
-    @staticmethod
-    def _positions_and_mask(B, T, real, kv_cache, device):
-        """Position ids ((T,) or (B, T)) and the attention mask: None for plain causal
-        attention, else a (B or 1, 1, T, S) boolean tensor, True where a query may look.
+    def embed(self, idx, pos):
+        """Token embeddings, plus position vectors for the schemes that add them to the input
+        (learned, sinusoidal); RoPE and ALiBi act inside attention instead, none nowhere."""
+        x = self.transformer.wte(idx)
+        if self.config.position == "learned":
+            return x + self.transformer.wpe(pos)
+        if self.config.position == "sinusoidal":  # √C brings N(0, 0.02) embeddings near the table's scale
+            return x * math.sqrt(self.config.n_embd) + sinusoidal(pos, self.config.n_embd).to(x.dtype)
+        return x
+
+    def _positions_and_mask(self, B, T, real, kv_cache, device):
+        """Position ids of the new tokens ((T,) or (B, T)) and what attention adds to its scores:
+        None for plain causal attention; else a (B or 1, 1, T, S) boolean mask, True where a
+        query may look; with ALiBi a (B or 1, H, T, S) float bias, -inf where it may not.
 
         Example, no cache, one row "_ _ a b c" left-padded to T=5 (real = 0 0 1 1 1):
         positions 0 0 0 1 2 (a, b, c are numbered as if alone); c's mask row is
         0 0 1 1 1 (causal, minus padding); a pad's row holds only itself.
+        An attention window of N also hides keys N or more positions behind the query, and
+        ALiBi's bias is -slope_h x (query position - key position) on what stays visible.
         """
+        cfg = self.config
         past = kv_cache.length if kv_cache is not None else 0
-        if real is None and (kv_cache is None or not kv_cache.has_padding):
+        padded = real is not None or (kv_cache is not None and kv_cache.has_padding)
+        plain = not cfg.attention_window and cfg.position != "alibi"
+        causal = torch.ones(T, past + T, device=device, dtype=torch.bool).tril(past)  # (T, S)
+        if not padded:
             pos = torch.arange(past, past + T, device=device)
-            if past == 0 or T == 1:
-                return pos, None  # SDPA's is_causal covers it (or one query sees every key)
-            return pos, torch.ones(T, past + T, device=device, dtype=torch.bool).tril(past)[None, None]
-        if real is None:
-            real = torch.ones(B, T, device=device, dtype=torch.bool)
-        keys_real = real if kv_cache is None else torch.cat([kv_cache.key_mask[:, :past], real], 1)
-        n_before = 0 if kv_cache is None else kv_cache.n_tokens[:, None]
-        pos = (n_before + real.cumsum(1) - 1).clamp(min=0)  # padding repeats a neighbour's position
-        causal = torch.ones(T, past + T, device=device, dtype=torch.bool).tril(past)
-        mask = causal & keys_real[:, None, :]  # (B, T, S)
-        # A padding query may see itself, so no softmax row is empty (which would give NaN).
-        ar = torch.arange(T, device=device)
-        mask[:, ar, past + ar] = True
-        return pos, mask[:, None]
+            if plain:  # SDPA's is_causal covers a fresh sequence; one query sees every key
+                return pos, None if past == 0 or T == 1 else causal[None, None]
+            q_pos, k_pos, visible = pos[None], torch.arange(past + T, device=device)[None], causal[None]
+        else:
+            if real is None:
+                real = torch.ones(B, T, device=device, dtype=torch.bool)
+            keys_real = real if kv_cache is None else torch.cat([kv_cache.key_mask[:, :past], real], 1)
+            n_before = 0 if kv_cache is None else kv_cache.n_tokens[:, None]
+            pos = q_pos = (n_before + real.cumsum(1) - 1).clamp(min=0)  # padding repeats a neighbour's position
+            k_pos = (keys_real.cumsum(1) - 1).clamp(min=0)
+            visible = causal & keys_real[:, None, :]  # (B, T, S)
+        distance = q_pos[:, :, None] - k_pos[:, None, :]  # (B or 1, T, S): how far back each key is
+        if cfg.attention_window:
+            visible = visible & (distance < cfg.attention_window)
+        if padded:  # a padding query may see itself, so no softmax row is empty (which would give NaN)
+            ar = torch.arange(T, device=device)
+            visible[:, ar, past + ar] = True
+        if cfg.position == "alibi":
+            bias = -self.alibi_slopes[:, None, None] * distance[:, None]  # (B or 1, H, T, S)
+            return pos, bias.masked_fill(~visible[:, None], float("-inf"))
+        return pos, visible[:, None]
 
     @torch.no_grad()
     def attention_probabilities(self, idx: torch.Tensor, attention_mask=None) -> torch.Tensor:
@@ -359,21 +469,28 @@ class GPT(nn.Module):
 
     def max_context(self) -> int | None:
         """The longest sequence this model can read at once: block_size, the length of its learned
-        position table (None would mean no limit, for position schemes that extrapolate)."""
-        return self.config.block_size
+        position table; None (no limit) for the position schemes defined at every length, for which
+        block_size is only the training length."""
+        return None if self.config.extrapolates else self.config.block_size
 
     def crop_block_size(self, block_size: int) -> None:
         """Shrink the context to block_size (e.g. a GPT-2 checkpoint trained at 1024, used at 256)."""
         if not 0 < block_size <= self.config.block_size:
             raise UserError(f"block_size can only shrink, from {self.config.block_size}; got {block_size}")
         self.config.block_size = block_size
-        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].detach().clone())
+        if "wpe" in self.transformer:
+            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].detach().clone())
 
-    def new_kv_cache(self, batch_size: int, dtype: torch.dtype | None = None) -> KVCache:
+    def new_kv_cache(self, batch_size: int, dtype: torch.dtype | None = None, length: int | None = None) -> KVCache:
         """An empty cache for `batch_size` rows on the model's device, in the model's dtype
-        unless given (under bf16 autocast, dtype=torch.bfloat16 halves its memory)."""
+        unless given (under bf16 autocast, dtype=torch.bfloat16 halves its memory), for `length`
+        positions (default block_size; more only where max_context() allows)."""
+        limit = self.max_context()
+        if length is not None and limit is not None and length > limit:
+            raise UserError(f"a KV cache of {length} positions is longer than this model can read "
+                            f"(learned positions, block_size = {limit})")
         w = self.transformer.wte.weight
-        return KVCache(self.config, batch_size, device=w.device, dtype=dtype or w.dtype)
+        return KVCache(self.config, batch_size, length=length, device=w.device, dtype=dtype or w.dtype)
 
     # ---- size, FLOPs, utilisation ------------------------------------------------
 
@@ -385,7 +502,7 @@ class GPT(nn.Module):
         """
         n = sum(p.numel() for p in self.parameters())
         n -= (self.config.padded_vocab_size - self.config.vocab_size) * self.config.n_embd
-        if non_embedding:
+        if non_embedding and "wpe" in self.transformer:
             n -= self.transformer.wpe.weight.numel()
         return n
 

@@ -22,8 +22,10 @@ forward (cache rows repeated) and keeps the winner's rows.
 Batches: prompts of different lengths are left-padded, with an attention_mask
 (1 = token, 0 = padding; see `pad_sequences`); num_samples repeats each prompt's
 cache after one prefill. A row stops at eos_token_id (later positions repeat it).
-Past block_size, the context slides: the cache is rebuilt from the last
-block_size - 1 tokens of each row.
+A model with learned positions reads at most block_size tokens: past that, the
+context slides (the cache is rebuilt from the last block_size - 1 tokens of each
+row). Models whose positions extrapolate (GPT.max_context() is None) keep every
+token: their cache is sized to the prompt plus max_new_tokens.
 """
 
 from __future__ import annotations
@@ -167,14 +169,15 @@ class SamplingConfig:
 class _Context:
     """Everything a decoding loop carries: tokens so far, padding, the cache, the next scores."""
 
-    def __init__(self, model: GPT, idx: torch.Tensor, mask: torch.Tensor, keep_hidden: bool):
+    def __init__(self, model: GPT, idx: torch.Tensor, mask: torch.Tensor, keep_hidden: bool, max_new_tokens: int):
         self.model, self.keep_hidden = model, keep_hidden
         self.tokens, self.mask = idx, mask.bool()
+        self.length = None if model.max_context() else idx.size(1) + max_new_tokens  # None: block_size
         self.prefill(idx, self.mask)
 
     def prefill(self, idx: torch.Tensor, mask: torch.Tensor) -> None:
-        """A fresh cache holding idx (at most block_size tokens: a longer prompt keeps its end)."""
-        self.cache: KVCache = self.model.new_kv_cache(idx.size(0))
+        """A fresh cache holding idx (at most its capacity: a longer prompt keeps its end)."""
+        self.cache: KVCache = self.model.new_kv_cache(idx.size(0), length=self.length)
         idx, mask = idx[:, -self.cache.capacity :], mask[:, -self.cache.capacity :]
         h = self.model.hidden_states(idx, attention_mask=mask, kv_cache=self.cache)
         self.logits = self.model.logits(h[:, -1]).float()
@@ -260,7 +263,7 @@ def stream(model: GPT, idx: torch.Tensor, max_new_tokens: int, sampling: Samplin
     was_training = model.training
     model.eval()
     mask = torch.ones_like(idx) if attention_mask is None else attention_mask.to(idx.device)
-    ctx = _Context(model, idx, mask, keep_hidden=contrastive)
+    ctx = _Context(model, idx, mask, keep_hidden=contrastive, max_new_tokens=max_new_tokens)
     if num_samples > 1:
         ctx.repeat(num_samples)
     finished = torch.zeros(ctx.tokens.size(0), dtype=torch.bool, device=idx.device)

@@ -11,6 +11,16 @@ from gpt.model import CausalSelfAttention
 from gpt.system import peak_bf16_flops
 
 SMALL = dict(block_size=32, vocab_size=97, n_layer=3, n_head=4, n_embd=32)
+# GPT-2 and the architecture switches, in combinations: every test marked with
+# @ARCHITECTURES runs on each (the ALiBi one has 6 heads, not a power of two).
+ARCHITECTURES = pytest.mark.parametrize("arch", [
+    {},
+    dict(position="sinusoidal", norm="rmsnorm"),
+    dict(position="rope", n_kv_head=2),
+    dict(position="alibi", n_head=6, n_embd=48, attention_window=5),
+    dict(position="none", norm_position="post"),
+    dict(position="rope", attention_window=4, n_kv_head=1, norm="rmsnorm", norm_position="post"),
+], ids=["gpt2", "sinusoidal-rmsnorm", "rope-gqa", "alibi6-window", "none-postnorm", "rope-window-mqa-post-rms"])
 
 
 def small_model(seed=0, **overrides) -> GPT:
@@ -60,8 +70,9 @@ def test_sequence_longer_than_block_size_is_a_clear_error():
 # ---- forward ------------------------------------------------------------------------
 
 
-def test_causality_future_tokens_do_not_change_earlier_logits():
-    model = small_model()
+@ARCHITECTURES
+def test_causality_future_tokens_do_not_change_earlier_logits(arch):
+    model = small_model(**arch)
     idx = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(1))
     changed = idx.clone()
     changed[:, 12] = (changed[:, 12] + 1) % 97
@@ -92,8 +103,9 @@ def test_all_targets_ignored_gives_zero_loss_not_nan():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
-def test_no_targets_gives_only_the_last_positions_logits():
-    model = small_model()
+@ARCHITECTURES
+def test_no_targets_gives_only_the_last_positions_logits(arch):
+    model = small_model(**arch)
     idx = torch.randint(0, 97, (2, 10))
     last, loss = model(idx)
     assert loss is None and last.shape == (2, 1, 97)
@@ -141,12 +153,15 @@ def reference_attend(self, q, k, v, attn_mask):
     """Plain softmax(q kᵀ/√D + mask) v, with causal masking aligned to the last keys."""
     T, S = q.size(2), k.size(2)
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
+    if attn_mask is not None and attn_mask.is_floating_point():  # ALiBi: a bias, -inf where hidden
+        return (scores + attn_mask).softmax(-1) @ v
     allowed = torch.ones(T, S, dtype=torch.bool).tril(S - T) if attn_mask is None else attn_mask
     return scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
 
 
-def test_sdpa_attention_equals_plain_reference(monkeypatch):
-    model = small_model()
+@ARCHITECTURES
+def test_sdpa_attention_equals_plain_reference(monkeypatch, arch):
+    model = small_model(**arch)
     idx = torch.randint(0, 97, (3, 14))
     mask = torch.ones(3, 14, dtype=torch.long)
     mask[1, :4] = 0
@@ -159,8 +174,9 @@ def test_sdpa_attention_equals_plain_reference(monkeypatch):
 # ---- KV cache ----------------------------------------------------------------------
 
 
-def test_kv_cache_prefill_then_single_tokens_equals_full_forward():
-    model = small_model()
+@ARCHITECTURES
+def test_kv_cache_prefill_then_single_tokens_equals_full_forward(arch):
+    model = small_model(**arch)
     seq = torch.randint(0, 97, (3, 20), generator=torch.Generator().manual_seed(4))
     full = all_logits(model, seq)
     cache = model.new_kv_cache(3)
@@ -173,8 +189,9 @@ def test_kv_cache_prefill_then_single_tokens_equals_full_forward():
     assert cache.length == 20 and cache.k.shape[3] == SMALL["block_size"]  # preallocated
 
 
-def test_kv_cache_chunks_longer_than_one_token():
-    model = small_model()
+@ARCHITECTURES
+def test_kv_cache_chunks_longer_than_one_token(arch):
+    model = small_model(**arch)
     seq = torch.randint(0, 97, (2, 17))
     full = all_logits(model, seq)
     cache = model.new_kv_cache(2)
@@ -183,8 +200,9 @@ def test_kv_cache_chunks_longer_than_one_token():
     torch.testing.assert_close(model.logits(torch.cat(chunks, 1)), full, rtol=1e-5, atol=1e-5)
 
 
-def test_kv_cache_repeat_and_select_rows():
-    model = small_model()
+@ARCHITECTURES
+def test_kv_cache_repeat_and_select_rows(arch):
+    model = small_model(**arch)
     g = torch.Generator().manual_seed(5)
     prompts = torch.randint(0, 97, (2, 7), generator=g)
     cache = model.new_kv_cache(2)
@@ -208,9 +226,10 @@ def test_kv_cache_repeat_and_select_rows():
     assert cache.batch_size == 4
 
 
-def test_padded_prefill_then_select_then_padded_chunk():
+@ARCHITECTURES
+def test_padded_prefill_then_select_then_padded_chunk(arch):
     """The riskiest cache path: padding remembered across select_rows and a later padded chunk."""
-    model = small_model()
+    model = small_model(**arch)
     g = torch.Generator().manual_seed(8)
     rows = [torch.randint(0, 97, (n,), generator=g) for n in (2, 5, 4)]
     idx, mask = torch.zeros(3, 5, dtype=torch.long), torch.zeros(3, 5, dtype=torch.long)
@@ -235,8 +254,9 @@ def test_padded_prefill_then_select_then_padded_chunk():
         torch.testing.assert_close(h_step[j, 0], h[-1], rtol=1e-5, atol=1e-5)
 
 
-def test_bfloat16_cache_serves_a_float32_model():
-    model = small_model()
+@ARCHITECTURES
+def test_bfloat16_cache_serves_a_float32_model(arch):
+    model = small_model(**arch)
     seq = torch.randint(0, 97, (2, 12))
     cache = model.new_kv_cache(2, dtype=torch.bfloat16)
     assert cache.k.dtype == torch.bfloat16
@@ -255,8 +275,9 @@ def test_mask_and_cache_shapes_are_checked():
         model(idx, kv_cache=model.new_kv_cache(3))
 
 
-def test_left_padded_batch_equals_each_row_alone_with_and_without_cache():
-    model = small_model()
+@ARCHITECTURES
+def test_left_padded_batch_equals_each_row_alone_with_and_without_cache(arch):
+    model = small_model(**arch)
     g = torch.Generator().manual_seed(6)
     prompts = [torch.randint(0, 97, (n,), generator=g) for n in (3, 9, 6)]
     width = max(len(p) for p in prompts)
@@ -363,8 +384,10 @@ def test_dropout_is_active_in_training_only():
     assert not torch.allclose(all_logits(model, idx), all_logits(model, idx))
 
 
+@ARCHITECTURES
 @pytest.mark.parametrize("bias, vocab_multiple", [(True, 64), (False, 1)])
-def test_parameter_count_is_what_the_model_allocates(bias, vocab_multiple):
+def test_parameter_count_is_what_the_model_allocates(bias, vocab_multiple, arch):
     """The memory check before allocating relies on it (train.py refuses a model too large)."""
-    config = GPTConfig(block_size=24, vocab_size=101, n_layer=3, n_head=2, n_embd=16, bias=bias, vocab_multiple=vocab_multiple)
+    shape = dict(block_size=24, vocab_size=101, n_layer=3, n_head=2, n_embd=16)
+    config = GPTConfig(**{**shape, **arch, "bias": bias, "vocab_multiple": vocab_multiple})
     assert config.parameter_count() == sum(p.numel() for p in GPT(config).parameters())

@@ -1,0 +1,242 @@
+"""The architecture switches (position, norm, norm_position, attention_window, n_kv_head),
+each against a direct reference: formulas written out here, an independent forward pass,
+multi-head attention with repeated keys/values; and reading past block_size.
+(tests/test_model.py runs its KV-cache and padding tests on every switch too.)"""
+
+import cmath
+import math
+
+import pytest
+import torch
+
+from gpt import GPT, GPTConfig, UserError
+from gpt.positions import alibi_slopes, apply_rope, rope_angles, sinusoidal
+from gpt.sampling import generate
+
+SHAPE = dict(block_size=16, vocab_size=61, n_layer=2, n_head=4, n_embd=32)
+
+
+def model_with(seed=0, **arch) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**{**SHAPE, **arch}))
+    with torch.no_grad():  # non-trivial norms and biases, so the reference must get them right
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or ".ln_" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+# ---- the formulas ---------------------------------------------------------------------
+
+
+def test_sinusoidal_table_is_the_papers_formula():
+    pos, dim = torch.arange(50), 10
+    table = sinusoidal(pos, dim)
+    for p in (0, 1, 7, 49):
+        for i in range(dim // 2):
+            angle = p / 10000 ** (2 * i / dim)
+            assert table[p, 2 * i].item() == pytest.approx(math.sin(angle), abs=1e-6)
+            assert table[p, 2 * i + 1].item() == pytest.approx(math.cos(angle), abs=1e-6)
+
+
+def test_rope_is_a_complex_rotation_and_scores_depend_only_on_distance():
+    D, base = 8, 10000.0
+    x = torch.randn(2, 3, 5, D, dtype=torch.float64)
+    pos = torch.tensor([0, 1, 4, 9, 30])
+    rotated = apply_rope(x, *rope_angles(pos, D, base))
+    for b, h, t in [(0, 0, 0), (1, 2, 3), (0, 1, 4)]:
+        for i in range(D // 2):
+            z = complex(x[b, h, t, i], x[b, h, t, i + D // 2]) * cmath.exp(1j * pos[t].item() * base ** (-2 * i / D))
+            assert rotated[b, h, t, i].item() == pytest.approx(z.real, abs=1e-5)
+            assert rotated[b, h, t, i + D // 2].item() == pytest.approx(z.imag, abs=1e-5)
+    q, k = torch.randn(D), torch.randn(D)
+
+    def score(pq, pk):
+        rq = apply_rope(q[None, None, None], *rope_angles(torch.tensor([pq]), D, base))
+        rk = apply_rope(k[None, None, None], *rope_angles(torch.tensor([pk]), D, base))
+        return (rq * rk).sum().item()
+
+    assert score(7, 3) == pytest.approx(score(104, 100), abs=1e-4)
+    assert score(7, 3) != pytest.approx(score(7, 5), abs=1e-3)
+
+
+def test_alibi_slopes_are_the_papers():
+    # "For a model with 8 heads, our slopes are 1/2, 1/4, ..., 1/256"; 16 heads interleave them
+    assert alibi_slopes(8).tolist() == [2.0 ** -(i + 1) for i in range(8)]
+    assert alibi_slopes(16).tolist() == pytest.approx([2.0 ** -(0.5 * (i + 1)) for i in range(16)])
+    # 12 heads, not a power of two: the 8-head slopes, then every other 16-head slope
+    assert alibi_slopes(12).tolist() == pytest.approx([2.0 ** -(i + 1) for i in range(8)] + [2 ** -0.5, 2 ** -1.5, 2 ** -2.5, 2 ** -3.5])
+    assert alibi_slopes(6).tolist() == pytest.approx([2 ** -2, 2 ** -4, 2 ** -6, 2 ** -8, 2 ** -1, 2 ** -3])
+
+
+def test_rmsnorm_is_the_root_mean_square_formula():
+    model = model_with(norm="rmsnorm")
+    ln = model.transformer.h[0].ln_1
+    x = torch.randn(3, 32)
+    expected = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * ln.weight
+    torch.testing.assert_close(ln(x), expected, rtol=1e-5, atol=1e-6)
+
+
+# ---- an independent forward pass ---------------------------------------------------------
+
+
+def reference_logits(model: GPT, idx: torch.Tensor) -> torch.Tensor:
+    """The model's function written out from the definitions, one sequence of T tokens from
+    position 0: explicit (T, T) masks, the ALiBi bias as -slope x distance, RoPE as a complex
+    rotation, grouped keys/values by index, the 2017 post-norm ordering."""
+    c = model.config
+    T, C, H, D = idx.size(1), c.n_embd, c.n_head, c.head_dim
+    Hkv = c.n_kv_head or H
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    visible = (j <= i) & ((i - j < c.attention_window) if c.attention_window else True)
+    x = model.transformer.wte(idx)
+    if c.position == "learned":
+        x = x + model.transformer.wpe.weight[:T]
+    if c.position == "sinusoidal":
+        table = torch.tensor([[math.sin(p / 10000 ** (k / C)) if k % 2 == 0 else math.cos(p / 10000 ** ((k - 1) / C))
+                               for k in range(C)] for p in range(T)])
+        x = x * math.sqrt(C) + table
+
+    def rotate(t):  # (1, heads, T, D): pairs (d, d + D/2) as complex numbers, turned by p * theta_d
+        z = torch.complex(t[..., : D // 2].double(), t[..., D // 2 :].double())
+        theta = c.rope_base ** (-2 * torch.arange(D // 2, dtype=torch.float64) / D)
+        z = z * torch.polar(torch.ones(T, D // 2, dtype=torch.float64), torch.arange(T)[:, None] * theta)
+        return torch.cat([z.real, z.imag], -1).float()
+
+    for block in model.transformer.h:
+        a = x if c.norm_position == "post" else block.ln_1(x)
+        q, k, v = block.attn.c_attn(a).split([C, Hkv * D, Hkv * D], -1)
+        q, k, v = q.view(1, T, H, D).transpose(1, 2), k.view(1, T, Hkv, D).transpose(1, 2), v.view(1, T, Hkv, D).transpose(1, 2)
+        if c.position == "rope":
+            q, k = rotate(q), rotate(k)
+        group = [h * Hkv // H for h in range(H)]  # the key/value head of each query head
+        scores = q @ k[:, group].transpose(-2, -1) / math.sqrt(D)
+        if c.position == "alibi":
+            n0 = 2 ** math.floor(math.log2(H))
+            slopes = [2 ** (-8 * (h + 1) / n0) for h in range(n0)] + [2 ** (-8 * (h + 1) / (2 * n0)) for h in range(0, 2 * (H - n0), 2)]
+            scores = scores - torch.tensor(slopes)[:, None, None] * (i - j)
+        y = scores.masked_fill(~visible, float("-inf")).softmax(-1) @ v[:, group]
+        y = block.attn.c_proj(y.transpose(1, 2).reshape(1, T, C))
+        x = block.ln_1(x + y) if c.norm_position == "post" else x + y
+        m = block.mlp(x if c.norm_position == "post" else block.ln_2(x))
+        x = block.ln_2(x + m) if c.norm_position == "post" else x + m
+    if c.norm_position == "pre":
+        x = model.transformer.ln_f(x)
+    return model.logits(x)
+
+
+@pytest.mark.parametrize("arch", [
+    {},
+    dict(position="sinusoidal"),
+    dict(position="rope", rope_base=500.0),
+    dict(position="alibi"),
+    dict(position="alibi", n_head=8, n_embd=48),  # 8 heads: a power of two
+    dict(position="alibi", n_head=6, n_embd=48),  # 6 heads: the non-power-of-two rule
+    dict(position="none"),
+    dict(norm="rmsnorm"),
+    dict(norm_position="post"),
+    dict(attention_window=3),
+    dict(n_kv_head=2),
+    dict(n_kv_head=1, position="rope", attention_window=5, norm="rmsnorm", norm_position="post"),
+], ids=lambda a: "-".join(f"{k}={v}" for k, v in a.items()) or "gpt2")
+def test_model_equals_the_reference_forward(arch):
+    model = model_with(**arch)
+    idx = torch.randint(0, 61, (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model.logits(model.hidden_states(idx)), reference_logits(model, idx), rtol=1e-4, atol=1e-4)
+        probs = model.attention_probabilities(idx)  # the inspection path, for every option
+    assert probs.shape == (2, 1, model.config.n_head, 12, 12)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 1, model.config.n_head, 12))
+    if model.config.attention_window:
+        assert probs[:, :, :, 11, : 12 - model.config.attention_window].abs().max() == 0
+
+
+def test_grouped_query_attention_equals_multi_head_with_repeated_keys_and_values():
+    gqa = model_with(n_kv_head=2)  # 4 query heads, 2 key/value heads: heads 0,1 share kv 0; 2,3 share kv 1
+    mha = GPT(GPTConfig(**SHAPE)).eval()
+    state = gqa.state_dict()
+    D, C = 8, 32
+    for layer in range(2):
+        for part in ("weight", "bias"):
+            key = f"transformer.h.{layer}.attn.c_attn.{part}"
+            q, k, v = state[key].split([C, 2 * D, 2 * D])
+            repeat = lambda t: t.view(2, D, *t.shape[1:]).repeat_interleave(2, 0).reshape(C, *t.shape[1:])
+            state[key] = torch.cat([q, repeat(k), repeat(v)])
+    mha.load_state_dict(state)
+    idx = torch.randint(0, 61, (3, 14))
+    with torch.no_grad():
+        torch.testing.assert_close(gqa.hidden_states(idx), mha.hidden_states(idx), rtol=1e-5, atol=1e-5)
+    cache = gqa.new_kv_cache(3)
+    assert cache.k.shape == (2, 3, 2, 16, 8)  # the cache holds the 2 key/value heads only
+
+
+def test_windowed_attention_equals_full_attention_with_a_band_mask():
+    windowed = model_with(attention_window=4)
+    full = model_with()  # same seed: the same weights
+    idx = torch.randint(0, 61, (2, 13))
+    band = torch.ones(13, 13, dtype=torch.bool).tril() & ~torch.ones(13, 13, dtype=torch.bool).tril(-4)
+
+    def banded(self, q, k, v, attn_mask):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=band)
+
+    with torch.no_grad():
+        expected = windowed.hidden_states(idx)
+        for block in full.transformer.h:
+            block.attn.attend = banded.__get__(block.attn)
+        torch.testing.assert_close(full.hidden_states(idx), expected, rtol=1e-5, atol=1e-5)
+
+
+# ---- past block_size -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("position", ["sinusoidal", "rope", "alibi", "none"])
+def test_positions_that_extrapolate_read_and_generate_past_block_size(position):
+    model = model_with(position=position, attention_window=0 if position != "none" else 6)
+    assert model.max_context() is None
+    long = torch.randint(0, 61, (2, 40))  # block_size is 16
+    with torch.no_grad():
+        h = model.hidden_states(long)
+        assert torch.isfinite(h).all()
+        torch.testing.assert_close(model.hidden_states(long[:, :16]), h[:, :16], rtol=1e-5, atol=1e-5)  # causal
+    prompt = long[:, :10]
+    out = generate(model, prompt, 30, temperature=0)
+    assert out.shape == (2, 40)
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(30):  # no cache, no sliding: the whole sequence each time
+            seq = torch.cat([seq, model.logits(model.hidden_states(seq))[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, seq)
+
+
+def test_learned_positions_stop_at_block_size():
+    model = model_with()
+    assert model.max_context() == 16
+    with pytest.raises(UserError, match="longer than the model's block_size"):
+        model.hidden_states(torch.zeros(1, 17, dtype=torch.long))
+    with pytest.raises(UserError, match="learned positions, block_size = 16"):
+        model.new_kv_cache(1, length=40)
+
+
+# ---- bad settings ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(position="relative"), "position must be one of 'learned', 'sinusoidal', 'rope', 'alibi', 'none'"),
+    (dict(norm="batchnorm"), "norm must be one of 'layernorm', 'rmsnorm'"),
+    (dict(norm_position="middle"), "norm_position must be one of 'pre', 'post'"),
+    (dict(attention_window=-1), "attention_window must be a whole number >= 0"),
+    (dict(n_kv_head=3), "n_kv_head (3) must divide n_head (4)"),
+    (dict(position="rope", n_head=2, n_embd=30), "head dimension n_embd / n_head = 15 is odd"),
+    (dict(position="rope", rope_base=0.0), "rope_base must be positive"),
+])
+def test_bad_architecture_settings_are_clear_errors(overrides, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        GPTConfig(**{**SHAPE, **overrides})
+
+
+def test_exporting_a_non_gpt2_architecture_to_hugging_face_is_refused(tmp_path):
+    from gpt.hf import save_pretrained
+
+    with pytest.raises(UserError, match="position = 'rope', n_kv_head = 2"):
+        save_pretrained(model_with(position="rope", n_kv_head=2), tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
