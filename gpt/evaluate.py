@@ -43,7 +43,7 @@ from gpt.checkpoint import add_model_options, load_language_model
 from gpt.dataset import TokenDataset
 from gpt.errors import ArgumentParser, UserError, exit_on_user_error
 from gpt.model import GPT
-from gpt.system import Processes, all_reduce_sum, autocast, pick_device, pick_dtype, start_processes
+from gpt.system import Processes, all_reduce_sum, autocast, finish_processes, pick_device, pick_dtype, start_processes
 from gpt.tokenizer import Tokenizer, from_spec
 
 
@@ -240,8 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     results = [evaluate_tokens(model, tokens, name, c, c if args.stride is None else args.stride, byte_lengths=byte_lengths,
                                batch_size=args.batch_size, device=device, dtype=dtype, procs=procs)
                for name, tokens in sets for c in contexts]
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    finish_processes()
     if not procs.is_main:
         return
     print_table(results)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -135,6 +136,27 @@ def barrier() -> None:
     """Wait for every process (nothing to wait for in a single process)."""
     if dist.is_initialized():
         dist.barrier()
+
+
+def finish_processes() -> None:
+    """Leave the process group together, after the last collective (nothing to do in one process).
+
+    A barrier alone is not enough with gloo: the first process out of it may close its
+    sockets while a peer still reads the barrier's last message, and the peer's gloo thread
+    then dies with "Connection reset/closed by peer" (SIGABRT), most often on a loaded
+    machine. So every process also checks in on the rendezvous store (a separate
+    connection) and waits until all have returned from the barrier before tearing down.
+    """
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    store = getattr(dist.distributed_c10d, "_get_default_store", lambda: None)()
+    if store is not None and dist.get_world_size() > 1:
+        store.add("gpt/finished", 1)
+        deadline = time.monotonic() + 60  # a peer that died after the barrier must not hang us
+        while int(store.add("gpt/finished", 0)) < dist.get_world_size() and time.monotonic() < deadline:
+            time.sleep(0.01)
+    dist.destroy_process_group()
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

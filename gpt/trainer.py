@@ -39,7 +39,8 @@ from gpt.atomic import atomic_path
 from gpt.checkpoint import BEST, load_checkpoint, previous_checkpoints, rng_state, save_checkpoint, set_rng_state
 from gpt.config import Config, OptimConfig, save_config
 from gpt.errors import UserError
-from gpt.system import all_reduce_sum, autocast, barrier, pick_device, pick_dtype, start_processes, to_device
+from gpt.system import (all_reduce_sum, autocast, barrier, finish_processes, pick_device, pick_dtype, start_processes,
+                        to_device)
 from gpt.tasks import TASKS
 from gpt.tasks.base import Task
 
@@ -285,7 +286,7 @@ class Trainer:
         handlers = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             self._loop()
-            barrier()  # leave together: no process tears down while another still talks
+            finish_processes()  # leave together: no process tears down while another still talks
         finally:
             for s, h in handlers.items():
                 signal.signal(s, h)

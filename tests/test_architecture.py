@@ -234,9 +234,77 @@ def test_bad_architecture_settings_are_clear_errors(overrides, message):
         GPTConfig(**{**SHAPE, **overrides})
 
 
+def test_a_checkpoint_from_before_the_switches_loads_as_gpt2():
+    from dataclasses import asdict
+
+    from gpt.checkpoint import gpt_from_checkpoint
+
+    model = model_with()
+    old = {k: v for k, v in asdict(model.config).items()
+           if k not in ("position", "rope_base", "norm", "norm_position", "attention_window", "n_kv_head")}
+    loaded = gpt_from_checkpoint({"model_config": old}).eval()
+    loaded.load_state_dict(model.state_dict())  # strict: the same parameters, no more
+    assert loaded.config == model.config
+    idx = torch.randint(0, 61, (2, 9))
+    torch.testing.assert_close(loaded.hidden_states(idx), model.hidden_states(idx), rtol=0, atol=0)
+
+
 def test_exporting_a_non_gpt2_architecture_to_hugging_face_is_refused(tmp_path):
     from gpt.hf import save_pretrained
 
     with pytest.raises(UserError, match="position = 'rope', n_kv_head = 2"):
         save_pretrained(model_with(position="rope", n_kv_head=2), tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+# ---- everything else works with the switches ---------------------------------------------
+
+COMBINATIONS = [
+    ["--model.position=rope", "--model.norm=rmsnorm", "--model.n_kv_head=1", "--model.attention_window=8"],
+    ["--model.position=alibi", "--model.norm_position=post", "--model.n_head=4"],
+]
+
+
+@pytest.mark.parametrize("arch", COMBINATIONS, ids=["rope-rms-mqa-window", "alibi-post"])
+def test_classifier_pooling_is_the_same_with_left_or_right_padding(arch):
+    from gpt.model import GPTClassifier, pad_sequences
+
+    settings = {a.split("=")[0].removeprefix("--model."): a.split("=")[1] for a in arch}
+    settings = {k: int(v) if v.isdigit() else v for k, v in settings.items()}
+    torch.manual_seed(0)
+    model = GPTClassifier(model_with(**settings), 3).eval()
+    texts = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], [42]]
+    left, right = model(*pad_sequences(texts, left=True))[0], model(*pad_sequences(texts, left=False))[0]
+    torch.testing.assert_close(left, right, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", COMBINATIONS, ids=["rope-rms-mqa-window", "alibi-post"])
+def test_a_run_learns_resumes_exactly_and_reads_past_its_block_size(arch, char_data, tmp_path, capsys):
+    import json
+
+    import sample
+    import train
+    from gpt import evaluate
+    from gpt.checkpoint import load_checkpoint
+    from test_train import args, step_losses, weights
+
+    more = [*arch, "--model.dropout=0.1"]
+    train.main(args(char_data, tmp_path / "whole", "--max_iters=12", *more))
+    train.main(args(char_data, tmp_path / "parts", "--max_iters=5", *more))
+    train.main(args(char_data, tmp_path / "parts", "--max_iters=12", "--resume", *more))
+    whole, parts = step_losses(tmp_path / "whole"), step_losses(tmp_path / "parts")
+    assert whole == parts and whole[12] < whole[1] - 0.5  # bit-exact resume; the loss falls
+    for name, tensor in weights(tmp_path / "whole").items():
+        assert torch.equal(tensor, weights(tmp_path / "parts")[name]), name
+    saved = load_checkpoint(tmp_path / "whole" / "ckpt.pt")["model_config"]
+    assert all(str(saved[a.split("=")[0].removeprefix("--model.")]) == a.split("=")[1] for a in arch)
+
+    results = tmp_path / "eval.json"
+    evaluate.main([f"--out_dir={tmp_path / 'whole'}", "--context=32,96", f"--json={results}"])  # block_size is 32
+    losses = {r["context"]: r["loss"] for r in json.loads(results.read_text())}
+    assert set(losses) == {32, 96} and all(math.isfinite(v) for v in losses.values())
+    capsys.readouterr()
+    sample.main([f"--out_dir={tmp_path / 'whole'}", "--prompt=ROMEO:", "--max_new_tokens=80", "--temperature=0",
+                 "--no-stream"])
+    assert len(capsys.readouterr().out) >= len("ROMEO:") + 80  # one character per token, past block_size
