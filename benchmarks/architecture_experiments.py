@@ -117,7 +117,9 @@ def draw_positions(runs: list[dict], png: Path) -> None:
     for ax, kind, title in zip(axes, ("non_overlapping", "sliding"), ("non-overlapping windows", f"sliding windows (stride {SLIDING_STRIDE})")):
         for run in runs:
             xs = sorted(run["contexts"])
-            ax.plot(xs, [run["contexts"][c][kind] for c in xs], "o-", label=run["name"].removeprefix("position_"))
+            single = len(xs) == 1  # learned positions: one point, drawn large so it shows
+            ax.plot(xs, [run["contexts"][c][kind] for c in xs], "*" if single else "o-", markersize=14 if single else 6,
+                    zorder=3 if single else 2, label=run["name"].removeprefix("position_"))
         ax.set_xscale("log", base=2)
         ax.set_xticks(CONTEXTS, [str(c) for c in CONTEXTS])
         ax.axvline(128, color="gray", lw=0.8, ls=":")
@@ -159,7 +161,16 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("experiment", choices=["positions", "norms", "recipe"])
     p.add_argument("--max_iters", type=int, help="override the runs' length (default: the config's; norms: 600)")
+    p.add_argument("--redraw", action="store_true", help="only draw the picture again from the saved results")
     args = p.parse_args()
+    if args.redraw:
+        saved = json.loads((ROOT / "benchmarks" / "results" / f"{args.experiment}.json").read_text())
+        for run in saved["runs"]:  # JSON keys are strings
+            run["contexts"] = {int(c): v for c, v in run.get("contexts", {}).items()}
+        draw = {"positions": (draw_positions, "length_extrapolation.png"), "norms": (draw_norms, "norms_warmup.png")}
+        function, png = draw[args.experiment]
+        function(saved["runs"], ROOT / "docs" / png)
+        return
     results = {"positions": positions, "norms": norms, "recipe": recipe}[args.experiment](args)
     results["torch"], results["machine"] = torch.__version__, f"{torch.get_num_threads()} CPU threads"
     path = ROOT / "benchmarks" / "results" / f"{args.experiment}.json"

@@ -2,38 +2,42 @@
 
     python benchmarks/attention_bench.py                       # GPT-2 124M, B=8, T=1024, bf16 on CUDA
     python benchmarks/attention_bench.py --device cpu --batch_size 1 --seq_len 256 --dtype float32
+    python benchmarks/attention_bench.py --arch position=alibi attention_window=256   # the switches' masks and biases
 
 Builds the same model twice with the same weights, once with the model's own
 attention (torch's scaled_dot_product_attention: flash / memory-efficient
-kernels on GPU) and once with attention written out as matmul-softmax-matmul,
-checks that both give the same loss, and prints one JSON line per figure:
-median ms per step, tokens/s and peak GPU memory of each, then their ratio.
+kernels on GPU) and once with attention written out as matmul-softmax-matmul
+(the model's own inspection path, CausalSelfAttention.attend_explicitly), checks
+that both give the same loss, and prints one JSON line per figure: median ms per
+step, tokens/s and peak GPU memory of each, then their ratio. --arch sets
+architecture switches (GPTConfig fields): a window or ALiBi reaches SDPA as an
+explicit mask or bias instead of is_causal, which is what this measures.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
-import types
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from gpt.model import GPT, GPTConfig  # noqa: E402
 
 
-def plain_attend(self, q, k, v, attn_mask):
-    """The textbook version: materialises the (B, H, T, T) score matrix."""
-    T = q.size(2)
-    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
-    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    return F.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1) @ v
+def switch(text: str) -> tuple[str, object]:
+    """'position=alibi' -> ('position', 'alibi'); numbers become numbers."""
+    key, value = text.split("=", 1)
+    for kind in (int, float):
+        try:
+            return key, kind(value)
+        except ValueError:
+            pass
+    return key, value
 
 
 def sync(device: torch.device):
@@ -68,12 +72,14 @@ def main():
     p.add_argument("--n_layer", type=int, default=12)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--arch", nargs="*", type=switch, default=[], metavar="FIELD=VALUE",
+                   help="architecture switches, e.g. position=alibi attention_window=256 n_kv_head=4")
     args = p.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
     torch.manual_seed(0)
-    config = GPTConfig(n_layer=args.n_layer, block_size=max(1024, args.seq_len))  # GPT-2 124M shape
+    config = GPTConfig(n_layer=args.n_layer, block_size=max(1024, args.seq_len), **dict(args.arch))  # GPT-2 124M shape
     model = GPT(config).to(device)
     x = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len), device=device)
     y = torch.roll(x, -1, 1)
@@ -82,7 +88,7 @@ def main():
     for impl in ("sdpa", "plain"):
         if impl == "plain":
             for block in model.transformer.h:
-                block.attn.attend = types.MethodType(plain_attend, block.attn)
+                block.attn.attend = block.attn.attend_explicitly
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
@@ -91,7 +97,7 @@ def main():
         results[impl] = dict(ms=ms, loss=loss)
         print(json.dumps({
             "bench": "attention_train_step", "impl": impl, "device": name, "dtype": args.dtype,
-            "batch_size": args.batch_size, "seq_len": args.seq_len, "n_layer": args.n_layer,
+            "batch_size": args.batch_size, "seq_len": args.seq_len, "n_layer": args.n_layer, "arch": dict(args.arch),
             "ms_per_step_median": round(ms, 2), "tokens_per_sec": round(args.batch_size * args.seq_len / ms * 1e3),
             "peak_mem_gib": None if peak is None else round(peak, 2), "loss": round(loss, 4),
         }))
