@@ -308,3 +308,18 @@ def test_a_run_learns_resumes_exactly_and_reads_past_its_block_size(arch, char_d
     sample.main([f"--out_dir={tmp_path / 'whole'}", "--prompt=ROMEO:", "--max_new_tokens=80", "--temperature=0",
                  "--no-stream"])
     assert len(capsys.readouterr().out) >= len("ROMEO:") + 80  # one character per token, past block_size
+
+
+@pytest.mark.parametrize("arch", [dict(position="rope", n_kv_head=2, attention_window=6), dict(position="alibi", norm_position="post")],
+                         ids=["rope-gqa-window", "alibi-post"])
+@pytest.mark.parametrize("settings", [dict(temperature=0), dict(penalty_alpha=0.6, top_k=4)], ids=["greedy", "contrastive"])
+def test_generation_of_a_left_padded_batch_equals_one_by_one(arch, settings):
+    from gpt.model import pad_sequences
+
+    model = model_with(**arch)
+    prompts = [[5], [17, 3, 9, 42], list(range(20, 33))]
+    idx, mask = pad_sequences(prompts)
+    batch = generate(model, idx, 10, attention_mask=mask, **settings)  # 13 + 10 tokens: past block_size 16
+    for i, prompt in enumerate(prompts):
+        alone = generate(model, torch.tensor([prompt]), 10, **settings)[0].tolist()
+        assert batch[i, idx.size(1) - len(prompt):].tolist() == alone
