@@ -31,7 +31,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,12 +142,11 @@ def draw_norms(runs: list[dict], png: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 4.8))
     colors = {"pre-LayerNorm": "tab:blue", "post-LayerNorm": "tab:red", "pre-RMSNorm": "tab:green"}
     for run in runs:
-        iters, losses = zip(*run["steps"])
-        smooth = np.convolve(losses, np.ones(20) / 20, mode="valid")  # a 20-step running mean
-        ax.plot(iters[19:], smooth, color=colors[run["label"]], ls="-" if run["warmup"] else "--",
+        iters, losses = zip(*run["steps"])  # the logged steps (every log.log_interval = 50)
+        ax.plot(iters, losses, "o-", ms=3, color=colors[run["label"]], ls="-" if run["warmup"] else "--",
                 label=f"{run['label']}, {'warmup 100' if run['warmup'] else 'no warmup'} (val {run['val_loss']:.3f})")
     ax.set_xlabel("iteration")
-    ax.set_ylabel("training loss (20-step mean)")
+    ax.set_ylabel("training loss (one batch, every 50 steps)")
     ax.set_ylim(1.2, 3.5)
     ax.grid(alpha=0.3)
     ax.legend()
