@@ -143,7 +143,7 @@ def draw_norms(runs: list[dict], png: Path) -> None:
     colors = {"pre-LayerNorm": "tab:blue", "post-LayerNorm": "tab:red", "pre-RMSNorm": "tab:green"}
     for run in runs:
         iters, losses = zip(*run["steps"])  # the logged steps (every log.log_interval = 50)
-        ax.plot(iters, losses, "o-", ms=3, color=colors[run["label"]], ls="-" if run["warmup"] else "--",
+        ax.plot(iters, losses, marker="o", ms=3, color=colors[run["label"]], ls="-" if run["warmup"] else "--",
                 label=f"{run['label']}, {'warmup 100' if run['warmup'] else 'no warmup'} (val {run['val_loss']:.3f})")
     ax.set_xlabel("iteration")
     ax.set_ylabel("training loss (one batch, every 50 steps)")
