@@ -119,16 +119,23 @@ class GPTConfig:
 
 class KVCache:
     """Keys and values of every layer for the tokens seen so far, preallocated to `length`
-    positions (default block_size; models whose positions extrapolate may ask for more).
+    slots (default block_size; models whose positions extrapolate may ask for more).
     With grouped-query attention it holds the n_kv_head key/value heads only.
 
-    All rows hold the same number of positions (`length`). A mixed-length batch is
-    left-padded: `key_mask` remembers which cached positions are real tokens, so no
-    later token attends to padding, and `n_tokens` counts each row's real tokens,
-    which is the position id of its next token.
+    Every row has the same slots. `pos` (B, length) holds the position id of the token
+    in each slot, -1 where a slot is empty or holds padding (the left padding of a
+    mixed-length batch): attention reads the positions, so a query sees exactly the
+    real tokens before it, and nothing in a row depends on the other rows' padding.
+    `next_pos` (B,) is the position id of each row's next token (its count of real tokens).
 
-    Rows can be repeated and selected (`select_rows`), e.g. one prompt's cache
-    copied for several samples, or the winning candidate of contrastive search kept.
+    The cache never changes shape while decoding: `claim` reserves slots for new tokens
+    and returns their positions and slot numbers as tensors, and `static = True` makes
+    attention read all slots (empty ones are masked out), so one decoding step has the
+    same shapes as the next and can be compiled once (see gpt.sampling).
+
+    Rows can be repeated and selected (`repeat_rows`, `select_rows`: one prompt's cache
+    for several samples; beams reordered), and contrastive search writes its candidates
+    to spare slots and keeps the winner (`claim_candidates`, `keep_candidate`).
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, *, length: int | None = None, device=None,
@@ -137,54 +144,121 @@ class KVCache:
         shape = (config.n_layer, batch_size, config.kv_heads, length, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.key_mask = torch.ones(batch_size, length, device=device, dtype=torch.bool)
-        self.n_tokens = torch.zeros(batch_size, device=device, dtype=torch.long)
-        self.length = 0
+        self.pos = torch.full((batch_size, length), -1, device=device, dtype=torch.long)
+        self.next_pos = torch.zeros(batch_size, device=device, dtype=torch.long)
+        self.length = 0  # slots in use (the same for every row)
         self.has_padding = False
+        self.static = False  # attention reads every slot, not only those in use
 
     @property
     def batch_size(self) -> int:
         return self.k.size(1)
 
-    def _shape(self, batch_size: int) -> tuple[int, ...]:
-        L, _, H, T, D = self.k.shape
-        return (L, batch_size, H, T, D)
-
     @property
     def capacity(self) -> int:
         return self.k.size(3)
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store this step's (B, n_kv_head, T, D) keys/values of one layer; return all of them so far."""
-        end = self.length + k.size(2)
-        self.k[layer, :, :, self.length : end] = k
-        self.v[layer, :, :, self.length : end] = v
-        # read back in the compute dtype, so a bf16 cache also serves an fp32 model
-        return self.k[layer, :, :, :end].to(k.dtype), self.v[layer, :, :, :end].to(v.dtype)
+    @property
+    def span(self) -> int:
+        """How many slots attention reads."""
+        return self.capacity if self.static else self.length
 
-    def advance(self, real: torch.Tensor | None, T: int):
-        """After all layers ran: T more positions are filled; `real` (B, T) marks real tokens."""
-        if real is None:
-            self.n_tokens += T
-        else:
-            self.key_mask[:, self.length : self.length + T] = real
-            self.n_tokens += real.sum(1)
-            self.has_padding = True
+    def _reserve(self, T: int) -> tuple[int, torch.Tensor]:
+        """The first of T free slots, and the T slot numbers as a tensor."""
+        start = self.length
+        if start + T > self.capacity:
+            raise UserError(f"sequence of {start + T} tokens is longer than the model's block_size / the KV cache's "
+                            f"{self.capacity} positions: keep only the last {self.capacity} tokens")
         self.length += T
+        return start, torch.arange(start, start + T, device=self.pos.device)
+
+    def claim(self, T: int, real: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reserve the next T slots for new tokens; `real` (B, T) marks real tokens (False:
+        padding). Returns their position ids (B, T), -1 for padding, and the slots (T,)."""
+        start, slots = self._reserve(T)
+        if real is None:
+            pos = self.next_pos[:, None] + torch.arange(T, device=slots.device)
+            self.next_pos += T
+        else:
+            pos = torch.where(real, self.next_pos[:, None] + real.cumsum(1) - 1, -1)
+            self.next_pos += real.sum(1)
+            self.has_padding = True
+        self.pos[:, start : start + T] = pos
+        return pos, slots
+
+    def claim_candidates(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reserve k slots for k candidates for each row's next token, all at the row's next
+        position: each sees the row's tokens and itself, not the other candidates.
+        -> positions (B, k), slots (k,)."""
+        start, slots = self._reserve(k)
+        pos = self.next_pos[:, None].expand(-1, k)
+        self.pos[:, start : start + k] = pos
+        self.candidates = k
+        return pos, slots
+
+    def keep_candidate(self, chosen: torch.Tensor) -> None:
+        """After claim_candidates(k) and a forward: keep candidate chosen[b] of each row b in the
+        first of the k slots (one key/value copy per layer and row) and free the others."""
+        k = self.candidates
+        start = self.length - k
+        index = chosen.view(1, -1, 1, 1, 1)
+        for cache in (self.k, self.v):  # (L, B, H, S, D)
+            cache[:, :, :, start : start + 1] = cache[:, :, :, start : start + k].take_along_dim(index, dim=3)
+        self.pos[:, start + 1 : start + k] = -1
+        self.length = start + 1
+        self.next_pos += 1
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor):
+        """Store this step's (B, n_kv_head, T, D) keys/values of one layer in `slots`; return the
+        keys/values of the slots attention reads, (B, n_kv_head, span, D)."""
+        self.k[layer].index_copy_(2, slots, k.to(self.k.dtype))
+        self.v[layer].index_copy_(2, slots, v.to(self.v.dtype))
+        # read back in the compute dtype, so a bf16 cache also serves an fp32 model
+        return self.k[layer, :, :, : self.span].to(k.dtype), self.v[layer, :, :, : self.span].to(v.dtype)
 
     def select_rows(self, rows: torch.Tensor | list[int]):
-        """Keep the given rows in the given order (repeats allowed): row i becomes old row rows[i]."""
+        """Keep the given rows in the given order (repeats allowed): row i becomes old row rows[i].
+        Only the slots in use are copied; with as many rows as before, in place (same storage)."""
         rows = torch.as_tensor(rows, device=self.k.device, dtype=torch.long)
-        n = self.length  # copy only the filled positions: the rest is never read before written
-        k, v = self.k.new_empty(self._shape(len(rows))), self.v.new_empty(self._shape(len(rows)))
+        n = self.length  # the rest is never read before it is written
+        if len(rows) == self.batch_size:
+            self.k[:, :, :, :n] = self.k[:, :, :, :n].index_select(1, rows)
+            self.v[:, :, :, :n] = self.v[:, :, :, :n].index_select(1, rows)
+            self.pos.copy_(self.pos[rows])
+            self.next_pos.copy_(self.next_pos[rows])
+            return
+        L, _, H, S, D = self.k.shape
+        k, v = self.k.new_empty(L, len(rows), H, S, D), self.v.new_empty(L, len(rows), H, S, D)
         torch.index_select(self.k[:, :, :, :n], 1, rows, out=k[:, :, :, :n])  # one copy, no temporary
         torch.index_select(self.v[:, :, :, :n], 1, rows, out=v[:, :, :, :n])
         self.k, self.v = k, v
-        self.key_mask, self.n_tokens = self.key_mask[rows], self.n_tokens[rows]
+        self.pos, self.next_pos = self.pos[rows], self.next_pos[rows]
 
     def repeat_rows(self, n: int):
         """Each row n times in a row: [a, b] -> [a, a, b, b] for n=2 (like repeat_interleave)."""
         self.select_rows(torch.arange(self.batch_size, device=self.k.device).repeat_interleave(n))
+
+
+class Linear(nn.Linear):
+    """nn.Linear, with the product of a decoding step on a CPU arranged to use every core.
+
+    Generating one token reads every weight once for a handful of rows, so its speed is
+    how fast the weights stream from memory. For one row, the CPU BLAS (MKL) computes
+    x Wᵀ as a matrix-vector product on a single core; computed as W xᵀ with two or more
+    columns, the same numbers take the multi-threaded matrix-product path, 2-3x faster
+    on a 2-core machine (benchmarks/RESULTS.md, "Decoding step"). So on a CPU, 1 to 4
+    rows go that way (one row is doubled); everything else is nn.Linear's F.linear.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.size(-1)
+        if not x.is_cpu or rows > 4:
+            return F.linear(x, self.weight, self.bias)
+        cols = x.reshape(rows, -1).t()  # (in, rows)
+        if rows == 1:
+            cols = cols.expand(-1, 2)
+        y = self.weight @ cols if self.bias is None else torch.addmm(self.bias[:, None], self.weight, cols)
+        return y[:, :rows].t().reshape(*x.shape[:-1], -1)
 
 
 class CausalSelfAttention(nn.Module):
@@ -198,15 +272,16 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
         self.dropout = config.dropout
         kv = 2 * self.n_kv_head * self.head_dim
-        self.c_attn = nn.Linear(config.n_embd, config.n_embd + kv, bias=config.bias)  # fused q, k, v
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_attn = Linear(config.n_embd, config.n_embd + kv, bias=config.bias)  # fused q, k, v
+        self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.keep_probs = False  # inspection: compute attention explicitly and keep the probabilities
         self.probs: torch.Tensor | None = None  # (B, H, T, S), when keep_probs
 
-    def forward(self, x, attn_mask=None, rope=None, kv_cache: KVCache | None = None):
-        """x (B, T, C). attn_mask: see GPT._positions_and_mask. rope: (cos, sin) of the new
-        positions (RoPE only). The cache stores keys after rotation, so they are rotated once."""
+    def forward(self, x, attn_mask=None, rope=None, kv_cache: KVCache | None = None, slots=None):
+        """x (B, T, C). attn_mask: see GPT.attention_mask. rope: (cos, sin) of the new positions
+        (RoPE only). kv_cache, slots: where this step's keys and values go (see GPT.decode); the
+        cache stores keys after rotation, so they are rotated once."""
         B, T, C = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         q, k, v = self.c_attn(x).split([C, Hkv * D, Hkv * D], dim=-1)
@@ -214,7 +289,7 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:
-            k, v = kv_cache.update(self.layer, k, v)  # (B, Hkv, S, D)
+            k, v = kv_cache.update(self.layer, k, v, slots)  # (B, Hkv, S, D)
         if Hkv != H:  # each key/value head serves H / Hkv consecutive query heads
             k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
         y = self.attend(q, k, v, attn_mask)
@@ -257,9 +332,9 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.gelu = nn.GELU(approximate="tanh")  # GPT-2's "gelu_new"
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
@@ -292,11 +367,11 @@ class Block(nn.Module):
         self.ln_2 = norm_layer(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, attn_mask=None, rope=None, kv_cache: KVCache | None = None):
+    def forward(self, x, attn_mask=None, rope=None, kv_cache: KVCache | None = None, slots=None):
         if self.post_norm:
-            x = self.ln_1(x + self.attn(x, attn_mask, rope, kv_cache))
+            x = self.ln_1(x + self.attn(x, attn_mask, rope, kv_cache, slots))
             return self.ln_2(x + self.mlp(x))
-        x = x + self.attn(self.ln_1(x), attn_mask, rope, kv_cache)
+        x = x + self.attn(self.ln_1(x), attn_mask, rope, kv_cache, slots)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -313,7 +388,7 @@ class GPT(nn.Module):
         # post-norm blocks end normalised already; pre-norm needs a last norm before the head
         layers["ln_f"] = norm_layer(config) if config.norm_position == "pre" else nn.Identity()
         self.transformer = nn.ModuleDict(layers)
-        self.lm_head = nn.Linear(C, config.padded_vocab_size, bias=False)
+        self.lm_head = Linear(C, config.padded_vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied input/output embedding
         if config.position == "alibi":  # a constant, not a weight: kept out of the state_dict
             self.register_buffer("alibi_slopes", alibi_slopes(config.n_head), persistent=False)
@@ -381,25 +456,42 @@ class GPT(nn.Module):
         if kv_cache is not None and kv_cache.batch_size != B:
             raise UserError(f"the KV cache holds {kv_cache.batch_size} rows but idx has {B}: "
                             f"repeat or select the cache's rows to match")
-        past = kv_cache.length if kv_cache is not None else 0
         if kv_cache is None and self.max_context() is not None and T > self.max_context():
             raise UserError(
                 f"sequence of {T} tokens is longer than the model's block_size ({self.config.block_size}): keep only "
                 f"the last {self.config.block_size} tokens (learned positions stop there; other schemes do not)"
             )
-        if kv_cache is not None and past + T > kv_cache.capacity:
-            raise UserError(f"sequence of {past + T} tokens is longer than the model's block_size / the KV cache's "
-                            f"{kv_cache.capacity} positions: keep only the last {kv_cache.capacity} tokens")
         real = None
         if attention_mask is not None and not bool(attention_mask.all()):
             real = attention_mask.to(device=idx.device, dtype=torch.bool)
-        pos, attn_mask = self._positions_and_mask(B, T, real, kv_cache, idx.device)
-        x = self.transformer.drop(self.embed(idx, pos))
-        rope = rope_angles(pos, self.config.head_dim, self.config.rope_base) if self.config.position == "rope" else None
-        for block in self.transformer.h:
-            x = block(x, attn_mask, rope, kv_cache)
+        plain = not self.config.attention_window and self.config.position != "alibi"
         if kv_cache is not None:
-            kv_cache.advance(real, T)
+            past = kv_cache.length
+            pos, slots = kv_cache.claim(T, real)
+            # SDPA's is_causal covers a fresh unpadded sequence, and a lone query sees every key
+            causal = plain and not kv_cache.has_padding and not kv_cache.static and (past == 0 or T == 1)
+            return self.decode(idx, pos, slots, kv_cache, causal=causal)
+        slots = torch.arange(T, device=idx.device)
+        pos = slots[None] if real is None else torch.where(real, real.cumsum(1) - 1, -1)
+        attn_mask = None if plain and real is None else self.attention_mask(pos, pos, slots)
+        return self.run(idx, pos, attn_mask)
+
+    def decode(self, idx, pos, slots, kv_cache: KVCache, causal: bool = False):
+        """hidden_states on the cache, with the new tokens' position ids (B, T) and cache slots
+        (T,) given (see KVCache.claim). Every shape is fixed by the cache and T, and nothing
+        here reads a Python number that changes from step to step, so with a static cache it
+        can be compiled once for all steps. causal: plain causal attention needs no mask."""
+        attn_mask = None if causal else self.attention_mask(pos, kv_cache.pos[:, : kv_cache.span], slots)
+        return self.run(idx, pos, attn_mask, kv_cache, slots)
+
+    def run(self, idx, pos, attn_mask, kv_cache: KVCache | None = None, slots=None):
+        """The network itself: embeddings, the blocks, the final norm."""
+        x = self.transformer.drop(self.embed(idx, pos.clamp(min=0)))  # padding (-1) borrows position 0
+        rope = None
+        if self.config.position == "rope":
+            rope = rope_angles(pos.clamp(min=0), self.config.head_dim, self.config.rope_base)
+        for block in self.transformer.h:
+            x = block(x, attn_mask, rope, kv_cache, slots)
         return self.transformer.ln_f(x)
 
     def embed(self, idx, pos):
@@ -412,45 +504,27 @@ class GPT(nn.Module):
             return x * math.sqrt(self.config.n_embd) + sinusoidal(pos, self.config.n_embd).to(x.dtype)
         return x
 
-    def _positions_and_mask(self, B, T, real, kv_cache, device):
-        """Position ids of the new tokens ((T,) or (B, T)) and what attention adds to its scores:
-        None for plain causal attention; else a (B or 1, 1, T, S) boolean mask, True where a
-        query may look; with ALiBi a (B or 1, H, T, S) float bias, -inf where it may not.
+    def attention_mask(self, q_pos, k_pos, slots):
+        """What attention adds to its scores, from position ids: q_pos (B or 1, T) of the queries,
+        k_pos (B or 1, S) of the keys, -1 for padding and empty cache slots, and slots (T,), the
+        key slot holding each query itself. Returns a (B or 1, 1, T, S) boolean mask, True where
+        a query may look, or with ALiBi a (B or 1, H, T, S) float bias, -inf where it may not.
 
-        Example, no cache, one row "_ _ a b c" left-padded to T=5 (real = 0 0 1 1 1):
-        positions 0 0 0 1 2 (a, b, c are numbered as if alone); c's mask row is
-        0 0 1 1 1 (causal, minus padding); a pad's row holds only itself.
+        A query sees the real keys at earlier positions, and itself. Example, one row
+        "_ _ a b c" left-padded to 5 (no cache): positions -1 -1 0 1 2; c's mask row is
+        0 0 1 1 1; a pad's row holds only itself (no softmax row may be empty: NaN).
         An attention window of N also hides keys N or more positions behind the query, and
         ALiBi's bias is -slope_h x (query position - key position) on what stays visible.
         """
-        cfg = self.config
-        past = kv_cache.length if kv_cache is not None else 0
-        padded = real is not None or (kv_cache is not None and kv_cache.has_padding)
-        plain = not cfg.attention_window and cfg.position != "alibi"
-        causal = torch.ones(T, past + T, device=device, dtype=torch.bool).tril(past)  # (T, S)
-        if not padded:
-            pos = torch.arange(past, past + T, device=device)
-            if plain:  # SDPA's is_causal covers a fresh sequence; one query sees every key
-                return pos, None if past == 0 or T == 1 else causal[None, None]
-            q_pos, k_pos, visible = pos[None], torch.arange(past + T, device=device)[None], causal[None]
-        else:
-            if real is None:
-                real = torch.ones(B, T, device=device, dtype=torch.bool)
-            keys_real = real if kv_cache is None else torch.cat([kv_cache.key_mask[:, :past], real], 1)
-            n_before = 0 if kv_cache is None else kv_cache.n_tokens[:, None]
-            pos = q_pos = (n_before + real.cumsum(1) - 1).clamp(min=0)  # padding repeats a neighbour's position
-            k_pos = (keys_real.cumsum(1) - 1).clamp(min=0)
-            visible = causal & keys_real[:, None, :]  # (B, T, S)
         distance = q_pos[:, :, None] - k_pos[:, None, :]  # (B or 1, T, S): how far back each key is
-        if cfg.attention_window:
-            visible = visible & (distance < cfg.attention_window)
-        if padded:  # a padding query may see itself, so no softmax row is empty (which would give NaN)
-            ar = torch.arange(T, device=device)
-            visible[:, ar, past + ar] = True
-        if cfg.position == "alibi":
+        visible = (k_pos[:, None, :] >= 0) & (distance > 0)
+        if self.config.attention_window:
+            visible &= distance < self.config.attention_window
+        visible |= slots[:, None] == torch.arange(k_pos.size(-1), device=slots.device)  # itself
+        if self.config.position == "alibi":
             bias = -self.alibi_slopes[:, None, None] * distance[:, None]  # (B or 1, H, T, S)
-            return pos, bias.masked_fill(~visible[:, None], float("-inf"))
-        return pos, visible[:, None]
+            return bias.masked_fill(~visible[:, None], float("-inf"))
+        return visible[:, None]
 
     @torch.no_grad()
     def attention_probabilities(self, idx: torch.Tensor, attention_mask=None) -> torch.Tensor:

@@ -30,6 +30,7 @@ token: their cache is sized to the prompt plus max_new_tokens.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -111,6 +112,14 @@ def _setting(default, kind: type, help: str):
     return field(default=default, metadata={"type": kind, "help": help})
 
 
+def _early_stopping(value) -> bool | str:
+    """True, False or "never"; from the command line also "true" / "false"."""
+    text = str(value).lower()
+    if text in ("true", "false", "never"):
+        return {"true": True, "false": False}.get(text, "never")
+    raise UserError(f"early_stopping must be true, false or never, got {value!r}")
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     """How each next token is chosen. Declared once here: generate(), stream() and sample.py's
@@ -123,6 +132,13 @@ class SamplingConfig:
     min_p: float | None = _setting(None, float, "keep tokens with at least min_p x the top probability")
     repetition_penalty: float = _setting(1.0, float, "> 1 discourages repeats (1 = off)")
     penalty_alpha: float | None = _setting(None, float, "contrastive search degeneration penalty, in [0, 1]")
+    num_beams: int = _setting(1, int, "> 1: beam search with this many beams (deterministic; temperature is "
+                                      "not used)")
+    length_penalty: float = _setting(1.0, float, "beam search: finished texts are scored sum log p / "
+                                                 "length ** length_penalty (> 0 favours longer ones)")
+    early_stopping: bool | str = _setting(False, _early_stopping, "beam search: true (stop once num_beams texts "
+                                          "are finished), false (stop when none can get better, by a "
+                                          "heuristic) or never (by the exact bound)")
 
     def __post_init__(self):
         """Reject settings that have no meaning, with the name and the allowed range."""
@@ -134,10 +150,17 @@ class SamplingConfig:
             (self.repetition_penalty > 0, "repetition_penalty must be > 0 (1 = off)", self.repetition_penalty),
             (self.penalty_alpha is None or 0 <= self.penalty_alpha <= 1, "penalty_alpha must be in [0, 1]",
              self.penalty_alpha),
+            (self.num_beams >= 1, "num_beams must be >= 1 (1 = no beam search)", self.num_beams),
         ]
         for ok, message, value in checks:
             if not ok:
                 raise UserError(f"{message}, got {value}")
+        object.__setattr__(self, "early_stopping", _early_stopping(self.early_stopping))
+        if self.num_beams > 1:
+            given = [name for name in ("top_k", "top_p", "min_p", "penalty_alpha") if getattr(self, name) is not None]
+            if given:
+                raise UserError(f"beam search (num_beams > 1) does not sample or contrast candidates: drop "
+                                f"{', '.join(given)}, or set num_beams to 1")
 
     @property
     def contrastive(self) -> bool:
@@ -145,8 +168,8 @@ class SamplingConfig:
 
     @property
     def sample(self) -> bool:
-        """Draw at random (else the choice is deterministic: greedy or contrastive)."""
-        return self.temperature > 0 and not self.contrastive
+        """Draw at random (else the choice is deterministic: greedy, contrastive or beam search)."""
+        return self.temperature > 0 and not self.contrastive and self.num_beams == 1
 
     def processors(self) -> list:
         """The logits processors in transformers' order; the warpers only when sampling."""
@@ -166,27 +189,61 @@ class SamplingConfig:
 # ---- decoding ------------------------------------------------------------------------------
 
 
-class _Context:
-    """Everything a decoding loop carries: tokens so far, padding, the cache, the next scores."""
+@functools.cache
+def _compiled_decode(device_type: str):
+    """GPT.decode compiled once per kind of device (torch.compile keeps one graph per model
+    and batch shape). On CUDA, mode="reduce-overhead" replays the step as a CUDA graph."""
+    mode = "reduce-overhead" if device_type == "cuda" else None
+    return torch.compile(GPT.decode, mode=mode, dynamic=False, fullgraph=True)
 
-    def __init__(self, model: GPT, idx: torch.Tensor, mask: torch.Tensor, keep_hidden: bool, max_new_tokens: int):
-        self.model, self.keep_hidden = model, keep_hidden
+
+class _Context:
+    """Everything a decoding loop carries: tokens so far, padding, the cache, the next scores.
+
+    spare: extra cache slots a step needs (contrastive search writes its k candidates to
+    the cache, then keeps one). compile: run each step through the compiled GPT.decode on
+    a static cache (the prompt's prefill stays eager).
+    """
+
+    def __init__(self, model: GPT, idx: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, *, spare: int = 0,
+                 keep_hidden: bool = False, compile: bool = False):
+        self.model, self.keep_hidden, self.spare = model, keep_hidden, spare
         self.tokens, self.mask = idx, mask.bool()
-        self.length = None if model.max_context() else idx.size(1) + max_new_tokens  # None: block_size
+        self.capacity = idx.size(1) + max_new_tokens + spare
+        if model.max_context():  # learned positions: at most block_size, then the context slides
+            self.capacity = min(self.capacity, model.max_context())
+        self.compiled = _compiled_decode(idx.device.type) if compile else None
         self.prefill(idx, self.mask)
 
     def prefill(self, idx: torch.Tensor, mask: torch.Tensor) -> None:
-        """A fresh cache holding idx (at most its capacity: a longer prompt keeps its end)."""
-        self.cache: KVCache = self.model.new_kv_cache(idx.size(0), length=self.length)
-        idx, mask = idx[:, -self.cache.capacity :], mask[:, -self.cache.capacity :]
+        """A fresh cache holding idx (at most its capacity less the spare slots: a longer prompt
+        keeps its end)."""
+        self.cache: KVCache = self.model.new_kv_cache(idx.size(0), length=self.capacity)
+        keep = self.capacity - self.spare
+        idx, mask = idx[:, -keep:], mask[:, -keep:]
         h = self.model.hidden_states(idx, attention_mask=mask, kv_cache=self.cache)
+        self.cache.static = self.compiled is not None
         self.logits = self.model.logits(h[:, -1]).float()
         self.hidden = h if self.keep_hidden else None  # contrastive search compares with these
         self.hidden_mask = mask
 
-    def slide(self) -> None:
-        """The cache is full: rebuild it from each row's last block_size - 1 tokens."""
-        keep = self.cache.capacity - 1
+    def forward(self, idx: torch.Tensor, candidates: bool = False) -> torch.Tensor:
+        """Hidden states of new tokens idx (B, T) on the cache. candidates: the T tokens are
+        alternatives for each row's next token (each sees the row, not the others)."""
+        cache = self.cache
+        if self.compiled is None and not candidates:
+            return self.model.hidden_states(idx, kv_cache=cache)
+        pos, slots = cache.claim_candidates(idx.size(1)) if candidates else cache.claim(idx.size(1))
+        if self.compiled is None:
+            return self.model.decode(idx, pos, slots, cache)
+        if idx.is_cuda:  # CUDA graphs read the cache in place: its addresses must not change
+            for t in (cache.k, cache.v, cache.pos):
+                torch._dynamo.mark_static_address(t)
+        return self.compiled(self.model, idx, pos, slots, cache).clone()  # a graph's output is reused
+
+    def slide(self, room: int = 1) -> None:
+        """The cache is full: rebuild it from each row's last tokens, leaving `room` free slots."""
+        keep = self.capacity - self.spare - room
         self.prefill(self.tokens[:, -keep:], self.mask[:, -keep:])
 
     def append(self, next_tokens: torch.Tensor) -> None:
@@ -200,85 +257,103 @@ class _Context:
     def step(self, next_tokens: torch.Tensor) -> None:
         """Feed one token per row; the next scores come out."""
         self.append(next_tokens)
-        if self.cache.length == self.cache.capacity:
-            self.slide()  # the new token is among the kept ones
+        if self.cache.length + self.spare == self.cache.capacity:
+            self.slide(room=0)  # the new token is among the kept ones
             return
-        h = self.model.hidden_states(next_tokens[:, None], kv_cache=self.cache)
-        self.logits = self.model.logits(h[:, -1]).float()
+        self.logits = self.model.logits(self.forward(next_tokens[:, None])[:, -1]).float()
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep the given rows in the given order (repeats allowed), cache included."""
+        self.cache.select_rows(rows)
+        self.tokens, self.mask, self.logits = self.tokens[rows], self.mask[rows], self.logits[rows]
+        if self.keep_hidden:
+            self.hidden, self.hidden_mask = self.hidden[rows], self.hidden_mask[rows]
 
     def repeat(self, n: int) -> None:
-        self.cache.repeat_rows(n)
-        self.tokens, self.mask, self.logits = (t.repeat_interleave(n, 0) for t in (self.tokens, self.mask, self.logits))
-        if self.keep_hidden:
-            self.hidden, self.hidden_mask = self.hidden.repeat_interleave(n, 0), self.hidden_mask.repeat_interleave(n, 0)
+        self.select(torch.arange(self.tokens.size(0), device=self.tokens.device).repeat_interleave(n))
 
 
 def _contrastive_choice(ctx: _Context, scores: torch.Tensor, k: int, alpha: float) -> torch.Tensor:
     """One step of contrastive search: returns the chosen tokens and leaves ctx past them.
 
-    The top-k candidates of each row run as one batched forward on a k-fold copy of the
-    cache; each is scored (1 - alpha) p(v) - alpha max_j cos(h_v, h_j) over the row's
-    previous hidden states h_j (padding excluded); the winner's cache row is kept.
+    The top-k candidates of each row run as k more tokens of the same row, all at its next
+    position and masked from each other, in one forward over the shared cache (the weights
+    are read once for all of them, and the cache is not copied). Each is scored
+    (1 - alpha) p(v) - alpha max_j cos(h_v, h_j) over the row's previous hidden states h_j
+    (padding excluded); the winner's keys and values stay in the cache, and only its
+    next-token scores are computed.
     """
     B, k = scores.size(0), min(k, scores.size(-1))
     top_probs, top_ids = torch.topk(F.softmax(scores, dim=-1), k=k, dim=-1)  # (B, k)
-    if ctx.cache.length == ctx.cache.capacity:
-        ctx.slide()  # room for the candidates (the candidates themselves are already chosen)
-    ctx.cache.repeat_rows(k)
-    h_next = ctx.model.hidden_states(top_ids.reshape(-1, 1), kv_cache=ctx.cache)  # (B*k, 1, C)
-    cand_logits = ctx.model.logits(h_next[:, -1]).float().view(B, k, -1)
-    h_next = h_next.view(B, k, -1)
+    if ctx.cache.length + k > ctx.cache.capacity:
+        ctx.slide(room=k)  # room for the candidates (the candidates themselves are already chosen)
+    h_next = ctx.forward(top_ids, candidates=True)  # (B, k, C)
     context = ctx.hidden / ctx.hidden.norm(dim=-1, keepdim=True)  # (B, S, C)
     cosine = torch.einsum("bsc,bkc->bks", context, h_next / h_next.norm(dim=-1, keepdim=True))
     cosine = cosine.masked_fill(~ctx.hidden_mask[:, None, :], torch.finfo(cosine.dtype).min)
     contrastive = (1.0 - alpha) * top_probs - alpha * cosine.max(dim=-1)[0]  # (B, k)
     chosen = contrastive.argmax(dim=-1)  # (B,)
+    ctx.cache.keep_candidate(chosen)
     rows = torch.arange(B, device=chosen.device)
-    ctx.cache.select_rows(rows * k + chosen)
-    next_tokens = top_ids[rows, chosen]
+    next_tokens, winner = top_ids[rows, chosen], h_next[rows, chosen]  # (B,), (B, C)
     ctx.append(next_tokens)
-    ctx.logits = cand_logits[rows, chosen]
-    ctx.hidden = torch.cat([ctx.hidden, h_next[rows, chosen][:, None]], 1)
+    ctx.logits = ctx.model.logits(winner).float()
+    ctx.hidden = torch.cat([ctx.hidden, winner[:, None]], 1)
     ctx.hidden_mask = torch.cat([ctx.hidden_mask, ctx.hidden_mask.new_ones(B, 1)], 1)
     return next_tokens
 
 
-@torch.no_grad()
-def stream(model: GPT, idx: torch.Tensor, max_new_tokens: int, sampling: SamplingConfig | None = None, *,
-           attention_mask: torch.Tensor | None = None, num_samples: int = 1, eos_token_id: int | None = None,
-           generator: torch.Generator | None = None, **settings) -> Iterator[torch.Tensor]:
-    """Yield the next token of every row, (B * num_samples,), one step at a time.
-
-    The decoding settings are a SamplingConfig, or its fields as keywords (temperature=0,
-    top_p=0.9, ...). Rows that reached eos_token_id keep yielding it. Stop iterating
-    whenever you like.
-    """
+def _start(model: GPT, idx: torch.Tensor, max_new_tokens: int, sampling: SamplingConfig | None,
+           attention_mask: torch.Tensor | None, compile: bool | None, settings: dict):
+    """Check the arguments, put the model in eval mode; -> (sampling, context)."""
     if max_new_tokens < 1:
         raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if sampling is not None and settings:
         raise TypeError(f"give the decoding settings as a SamplingConfig or as keywords, not both: {sorted(settings)}")
     sampling = sampling or SamplingConfig(**settings)
-    contrastive, sample = sampling.contrastive, sampling.sample
-    processors = sampling.processors()
-    was_training = model.training
+    compile = idx.is_cuda if compile is None else compile
     model.eval()
     mask = torch.ones_like(idx) if attention_mask is None else attention_mask.to(idx.device)
-    ctx = _Context(model, idx, mask, keep_hidden=contrastive, max_new_tokens=max_new_tokens)
-    if num_samples > 1:
-        ctx.repeat(num_samples)
-    finished = torch.zeros(ctx.tokens.size(0), dtype=torch.bool, device=idx.device)
+    spare = min(sampling.top_k, model.config.vocab_size) - 1 if sampling.contrastive else 0
+    ctx = _Context(model, idx, mask, max_new_tokens, spare=spare, keep_hidden=sampling.contrastive, compile=compile)
+    return sampling, ctx
+
+
+@torch.no_grad()
+def stream(model: GPT, idx: torch.Tensor, max_new_tokens: int, sampling: SamplingConfig | None = None, *,
+           attention_mask: torch.Tensor | None = None, num_samples: int = 1, eos_token_id: int | None = None,
+           generator: torch.Generator | None = None, compile: bool | None = None,
+           **settings) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row, (B * num_samples,), one step at a time.
+
+    The decoding settings are a SamplingConfig, or its fields as keywords (temperature=0,
+    top_p=0.9, ...). Rows that reached eos_token_id keep yielding it. Stop iterating
+    whenever you like. compile: run each step as one compiled graph (torch.compile; a CUDA
+    graph on GPUs); the first step of a new model or batch size then takes the compile
+    time. Default: on for CUDA, off on CPU, where it did not help (benchmarks/RESULTS.md).
+    Beam search chooses its text at the end: use `generate`.
+    """
+    was_training = model.training
+    if (sampling.num_beams if sampling else settings.get("num_beams", 1)) > 1:
+        raise UserError("beam search chooses its text only at the end, so it cannot stream: use generate() "
+                        "(sample.py: --no-stream)")
     try:
+        sampling, ctx = _start(model, idx, max_new_tokens, sampling, attention_mask, compile, settings)
+        contrastive, sample = sampling.contrastive, sampling.sample
+        processors = sampling.processors()
+        if num_samples > 1:
+            ctx.repeat(num_samples)
+        finished = torch.zeros(ctx.tokens.size(0), dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
             scores = ctx.logits
             for process in processors:
                 scores = process(ctx.seen_tokens(), scores)
             if contrastive:
                 next_tokens = _contrastive_choice(ctx, scores, sampling.top_k, sampling.penalty_alpha)
+            elif sample:
+                next_tokens = torch.multinomial(F.softmax(scores, dim=-1), 1, generator=generator)[:, 0]
             else:
-                if sample:
-                    next_tokens = torch.multinomial(F.softmax(scores, dim=-1), 1, generator=generator)[:, 0]
-                else:
-                    next_tokens = scores.argmax(dim=-1)
+                next_tokens = scores.argmax(dim=-1)
             if eos_token_id is not None:
                 next_tokens = next_tokens.masked_fill(finished, eos_token_id)
                 finished |= next_tokens == eos_token_id
@@ -293,15 +368,97 @@ def stream(model: GPT, idx: torch.Tensor, max_new_tokens: int, sampling: Samplin
         model.train(was_training)
 
 
+@torch.no_grad()
+def beam_search(model: GPT, idx: torch.Tensor, max_new_tokens: int, sampling: SamplingConfig | None = None, *,
+                attention_mask: torch.Tensor | None = None, num_samples: int = 1, eos_token_id: int | None = None,
+                compile: bool | None = None, **settings) -> torch.Tensor:
+    """Beam search, with Hugging Face transformers' semantics: -> (B * num_samples, T + new),
+    the num_samples best of sampling.num_beams beams for each prompt, best first.
+
+    Each step extends every running beam by every token and keeps the 2 x num_beams best
+    continuations by summed log-probability: those ending in eos_token_id (or reaching
+    max_new_tokens) are finished hypotheses, scored sum / length ** length_penalty, and
+    the best num_beams others run on. It stops when no running beam can beat the finished
+    ones (early_stopping: False, a heuristic; True, as soon as num_beams are finished;
+    "never", the exact bound). Beams are rows of one batch; each step reorders the KV cache
+    rows in place. Positions after a hypothesis's eos hold eos.
+    """
+    was_training = model.training
+    try:
+        sampling, ctx = _start(model, idx, max_new_tokens, sampling, attention_mask, compile, settings)
+        B, T, n_beams, V = idx.size(0), idx.size(1), sampling.num_beams, model.config.vocab_size
+        if not 1 <= num_samples <= n_beams:
+            raise UserError(f"beam search returns at most num_beams ({n_beams}) texts per prompt, "
+                            f"asked for num_samples={num_samples}")
+        processors, early, penalty = sampling.processors(), sampling.early_stopping, sampling.length_penalty
+        ctx.repeat(n_beams)
+        device, big = idx.device, -1.0e9  # big: transformers' stand-in for minus infinity
+        width = T + max_new_tokens
+        fill = -1 if eos_token_id is None else eos_token_id
+        n_keep = 2 * n_beams  # enough that num_beams continuations run on even if the best ones all end
+        in_top = torch.arange(n_keep, device=device) < n_beams
+        batch_rows = torch.arange(B, device=device)[:, None] * n_beams
+        running = torch.zeros(B, n_beams, device=device)
+        running[:, 1:] = big  # all beams start equal: only the first one's continuations count
+        done_tokens = torch.full((B, n_beams, width), fill, dtype=torch.long, device=device)
+        done_scores = torch.full((B, n_beams), big, device=device)
+        done_length = torch.zeros(B, n_beams, dtype=torch.long, device=device)
+        done = torch.zeros(B, n_beams, dtype=torch.bool, device=device)
+        improvable = torch.ones(B, 1, dtype=torch.bool, device=device)
+        for step in range(max_new_tokens):
+            log_probs = F.log_softmax(ctx.logits, dim=-1)
+            for process in processors:
+                log_probs = process(ctx.seen_tokens(), log_probs)
+            scores = (log_probs.view(B, n_beams, V) + running[:, :, None]).view(B, n_beams * V)
+            top_scores, top = torch.topk(scores, n_keep)  # (B, 2 num_beams)
+            source, tokens = top // V + batch_rows, top % V  # the row each continues, its new token
+            ends = torch.full_like(tokens, step == max_new_tokens - 1, dtype=torch.bool)
+            if eos_token_id is not None:
+                ends |= tokens == eos_token_id
+            # the best num_beams continuations that have not ended run on
+            alive_scores = top_scores + ends.to(torch.float32) * big
+            keep = torch.topk(alive_scores, n_beams)[1]
+            running = alive_scores.gather(1, keep)
+            # finished hypotheses among the top num_beams enter the finished list if good enough
+            new_scores = top_scores / ((step + 1) ** penalty)
+            new_scores += (done.all(-1, keepdim=True) & (early is True)).to(torch.float32) * big
+            new_scores += (~improvable).to(torch.float32) * big
+            new_scores += ~(ends & in_top) * big
+            candidates = torch.cat([ctx.tokens[source], tokens[:, :, None]], 2)  # (B, 2 num_beams, T + step + 1)
+            candidates = F.pad(candidates, (0, width - candidates.size(2)), value=fill)
+            best = torch.topk(torch.cat([done_scores, new_scores], 1), n_beams)[1]
+            done_tokens = torch.cat([done_tokens, candidates], 1).gather(1, best[:, :, None].expand(-1, -1, width))
+            done_scores = torch.cat([done_scores, new_scores], 1).gather(1, best)
+            done_length = torch.cat([done_length, torch.full_like(tokens, step + 1)], 1).gather(1, best)
+            done = torch.cat([done, ends & in_top], 1).gather(1, best)
+            # could a running beam still beat the worst finished one?
+            best_length = max_new_tokens if early == "never" and penalty > 0.0 else step + 1
+            best_possible = running[:, :1] / (best_length ** penalty)
+            worst_done = torch.where(done, torch.min(done_scores, dim=1, keepdim=True)[0], big)
+            improvable = improvable & torch.any(best_possible > worst_done, dim=-1, keepdim=True)
+            if not bool(improvable.any()) or (early is True and bool(done.all())) or bool(ends.all()):
+                break
+            ctx.select(source.gather(1, keep).flatten())
+            ctx.step(tokens.gather(1, keep).flatten())
+        length = T + int(done_length[:, :num_samples].max())
+        return done_tokens[:, :num_samples, :length].reshape(B * num_samples, length)
+    finally:
+        model.train(was_training)
+
+
 def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, sampling: SamplingConfig | None = None, *,
              attention_mask: torch.Tensor | None = None, num_samples: int = 1, eos_token_id: int | None = None,
-             generator: torch.Generator | None = None, **settings) -> torch.Tensor:
+             generator: torch.Generator | None = None, compile: bool | None = None, **settings) -> torch.Tensor:
     """idx (B, T) -> (B * num_samples, T + new): the prompts followed by what was generated.
 
     Generation ends after max_new_tokens, or when every row has produced eos_token_id
     (rows that finished earlier are filled with it). See `stream` for the arguments.
+    With num_beams > 1 this is `beam_search` (num_samples: the best beams to return).
     """
+    if (sampling.num_beams if sampling else settings.get("num_beams", 1)) > 1:
+        return beam_search(model, idx, max_new_tokens, sampling, attention_mask=attention_mask,
+                           num_samples=num_samples, eos_token_id=eos_token_id, compile=compile, **settings)
     steps = list(stream(model, idx, max_new_tokens, sampling, attention_mask=attention_mask, num_samples=num_samples,
-                        eos_token_id=eos_token_id, generator=generator, **settings))
+                        eos_token_id=eos_token_id, generator=generator, compile=compile, **settings))
     prompt = idx.repeat_interleave(num_samples, 0)
     return torch.cat([prompt, torch.stack(steps, 1)], 1) if steps else prompt
