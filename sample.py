@@ -4,6 +4,8 @@
     python sample.py --out_dir=out/shakespeare_char --ckpt=best.pt --temperature=0   # greedy
     python sample.py --init_from=gpt2 --prompt="The meaning of life is" --top_p=0.9  # needs the network
     python sample.py --init_from=gpt2 --prompt="..." --penalty_alpha=0.6 --top_k=4   # contrastive search
+    python sample.py --init_from=gpt2 --prompt="..." --num_beams=4                    # beam search
+    python sample.py --out_dir=out/shakespeare_char --compile --device=cuda          # compiled decoding step
 
 Text appears as it is generated when the output is a terminal (--stream /
 --no-stream to choose). Generation of a sample ends at max_new_tokens, at the
@@ -22,7 +24,7 @@ from tqdm import tqdm
 
 from gpt.checkpoint import add_model_options, load_language_model
 from gpt.errors import ArgumentParser, UserError, exit_on_user_error
-from gpt.sampling import SamplingConfig, stream
+from gpt.sampling import SamplingConfig, generate, stream
 from gpt.system import autocast, pick_device, pick_dtype
 from gpt.tokenizer import EOT_TEXT, Tokenizer
 
@@ -84,6 +86,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--stop", action="append", default=[], help="end a sample at this text (repeatable)")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help="print text as it is generated (default: when the output is a terminal)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="compile the decoding step (torch.compile; CUDA graphs on GPUs): faster steps after a "
+                        "compile of some seconds (default: on for CUDA, off on CPU, where it does not help)")
     args = p.parse_args(argv)
     if args.num_samples < 1:
         raise UserError(f"--num_samples must be at least 1, got {args.num_samples}")
@@ -95,8 +100,12 @@ def main(argv: list[str] | None = None) -> None:
     sampling = SamplingConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingConfig)})
     live = sys.stdout.isatty() if args.stream is None else args.stream
     if not sampling.sample and args.num_samples > 1:
-        print("note: greedy and contrastive decoding give the same text every time: one sample", file=sys.stderr)
+        print("note: greedy, contrastive and beam search give the same text every time: one sample", file=sys.stderr)
         args.num_samples = 1
+    if sampling.num_beams > 1 and live:
+        if args.stream:
+            print("note: beam search chooses its text at the end: it is printed then", file=sys.stderr)
+        live = False
 
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
@@ -104,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     idx = torch.tensor([prompt_ids(text, tok)], device=device)
     prompt_text = "" if idx[0, 0] == tok.eot_token and idx.size(1) == 1 else tok.decode(idx[0].tolist())
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    settings = dict(eos_token_id=tok.eot_token, generator=generator)
+    settings = dict(eos_token_id=tok.eot_token, generator=generator, compile=args.compile)
 
     with autocast(device, dtype):
         if live:  # one sample after another, each printed as it grows
@@ -124,13 +133,17 @@ def main(argv: list[str] | None = None) -> None:
             if args.max_new_tokens > LONG and not sys.stderr.isatty():
                 print(f"note: generating up to {args.max_new_tokens:,} tokens per sample without --stream: nothing "
                       f"is printed until the end (--stream shows the text as it comes)", file=sys.stderr)
-            rows = [[] for _ in range(args.num_samples)]
-            steps = stream(model, idx, args.max_new_tokens, sampling, num_samples=args.num_samples, **settings)
-            for step in tqdm(steps, total=args.max_new_tokens, unit="tok", leave=False, disable=None, file=sys.stderr):
-                for row, token in zip(rows, step.tolist()):
-                    row.append(token)
-                if all(text_so_far(tok, row, args.stop)[1] for row in rows):
-                    break
+            if sampling.num_beams > 1:  # the best beam, known at the end
+                rows = [generate(model, idx, args.max_new_tokens, sampling, **settings)[0, idx.size(1):].tolist()]
+            else:
+                rows = [[] for _ in range(args.num_samples)]
+                steps = stream(model, idx, args.max_new_tokens, sampling, num_samples=args.num_samples, **settings)
+                for step in tqdm(steps, total=args.max_new_tokens, unit="tok", leave=False, disable=None,
+                                 file=sys.stderr):
+                    for row, token in zip(rows, step.tolist()):
+                        row.append(token)
+                    if all(text_so_far(tok, row, args.stop)[1] for row in rows):
+                        break
             texts = [prompt_text + text_so_far(tok, row, args.stop)[0] for row in rows]
             print((SEPARATOR + "\n").join(texts))
 

@@ -167,7 +167,9 @@ def state_dict_from_hf(hf_state: dict[str, torch.Tensor], config: GPTConfig) -> 
         key = key.removeprefix("transformer.")
         if key.endswith((".attn.bias", ".attn.masked_bias")) or key == "lm_head.weight":
             continue  # causal-mask buffers of old checkpoints; the LM head is tied to wte
-        state["transformer." + key] = t.t() if key.endswith(CONV1D_WEIGHTS) else t
+        # Conv1D stores (in, out): transpose into nn.Linear's (out, in) layout, contiguous (load_model
+        # assigns these tensors, and a transposed view would make every product read memory across)
+        state["transformer." + key] = t.t().contiguous() if key.endswith(CONV1D_WEIGHTS) else t
     wte = state.get("transformer.wte.weight")
     if wte is not None and wte.size(0) == config.vocab_size:  # add our vocabulary padding rows
         pad = wte.new_zeros(config.padded_vocab_size - config.vocab_size, wte.size(1))

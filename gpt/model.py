@@ -254,11 +254,12 @@ class Linear(nn.Linear):
         rows = x.numel() // x.size(-1)
         if not x.is_cpu or rows > 4:
             return F.linear(x, self.weight, self.bias)
-        cols = x.reshape(rows, -1).t()  # (in, rows)
-        if rows == 1:
-            cols = cols.expand(-1, 2)
-        y = self.weight @ cols if self.bias is None else torch.addmm(self.bias[:, None], self.weight, cols)
-        return y[:, :rows].t().reshape(*x.shape[:-1], -1)
+        x2 = x.reshape(rows, -1)
+        y = self.weight @ (torch.cat([x2, x2]) if rows == 1 else x2).t()  # (out, 2 or rows)
+        y = y[:, :rows].t()
+        if self.bias is not None:
+            y = y + self.bias
+        return y.contiguous().view(*x.shape[:-1], -1)  # row-major, as attention kernels want
 
 
 class CausalSelfAttention(nn.Module):

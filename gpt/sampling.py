@@ -5,6 +5,7 @@
     out = generate(model, idx, 100, SamplingConfig(temperature=0.8, top_k=200))   # the same
     out = generate(model, idx, 100, temperature=0)                      # greedy
     out = generate(model, idx, 100, penalty_alpha=0.6, top_k=4)         # contrastive search
+    out = generate(model, idx, 100, num_beams=4)                         # beam search
     for tokens in stream(model, idx, 100, top_p=0.9): ...               # (B,) new tokens per step
 
 Logits processors change the next-token scores before a choice is made. They
@@ -13,19 +14,23 @@ same -inf filter value) and apply in its order: repetition penalty, then, when
 sampling, temperature, top-k, top-p, min-p.
 
 Decoding loops: sampling (torch.multinomial, reproducible with a
-torch.Generator), greedy (temperature=0) and contrastive search (penalty_alpha
-> 0, top_k > 1; Su et al. 2022, with transformers' semantics). Every loop
-prefills the prompt once and then runs one single-token forward per new token
-on the KV cache; contrastive search runs its top_k candidates as one batched
-forward (cache rows repeated) and keeps the winner's rows.
+torch.Generator), greedy (temperature=0), contrastive search (penalty_alpha > 0,
+top_k > 1; Su et al. 2022) and beam search (num_beams > 1), the last two with
+transformers' semantics, token for token. Every loop prefills the prompt once and
+then runs one step per new token on the KV cache. A step's inputs are tensors
+(positions and cache slots: KVCache.claim), so its shapes never change and
+compile=True compiles it once (torch.compile; a CUDA graph on GPUs) for every
+token of every request of the same batch size. Contrastive search runs its top_k
+candidates as extra tokens of each row in one forward over the shared cache and
+keeps the winner's keys and values; beam search reorders the cache rows in place.
 
 Batches: prompts of different lengths are left-padded, with an attention_mask
 (1 = token, 0 = padding; see `pad_sequences`); num_samples repeats each prompt's
 cache after one prefill. A row stops at eos_token_id (later positions repeat it).
 A model with learned positions reads at most block_size tokens: past that, the
-context slides (the cache is rebuilt from the last block_size - 1 tokens of each
-row). Models whose positions extrapolate (GPT.max_context() is None) keep every
-token: their cache is sized to the prompt plus max_new_tokens.
+context slides (the cache is rebuilt from each row's last tokens). Models whose
+positions extrapolate (GPT.max_context() is None) keep every token: their cache
+is sized to the prompt plus max_new_tokens.
 """
 
 from __future__ import annotations
@@ -210,6 +215,8 @@ class _Context:
         self.model, self.keep_hidden, self.spare = model, keep_hidden, spare
         self.tokens, self.mask = idx, mask.bool()
         self.capacity = idx.size(1) + max_new_tokens + spare
+        if compile:  # a few cache sizes, so requests of similar lengths share one compiled step
+            self.capacity = -(-self.capacity // 256) * 256
         if model.max_context():  # learned positions: at most block_size, then the context slides
             self.capacity = min(self.capacity, model.max_context())
         self.compiled = _compiled_decode(idx.device.type) if compile else None
@@ -319,7 +326,7 @@ def _start(model: GPT, idx: torch.Tensor, max_new_tokens: int, sampling: Samplin
     return sampling, ctx
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def stream(model: GPT, idx: torch.Tensor, max_new_tokens: int, sampling: SamplingConfig | None = None, *,
            attention_mask: torch.Tensor | None = None, num_samples: int = 1, eos_token_id: int | None = None,
            generator: torch.Generator | None = None, compile: bool | None = None,
@@ -368,7 +375,7 @@ def stream(model: GPT, idx: torch.Tensor, max_new_tokens: int, sampling: Samplin
         model.train(was_training)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def beam_search(model: GPT, idx: torch.Tensor, max_new_tokens: int, sampling: SamplingConfig | None = None, *,
                 attention_mask: torch.Tensor | None = None, num_samples: int = 1, eos_token_id: int | None = None,
                 compile: bool | None = None, **settings) -> torch.Tensor:

@@ -312,7 +312,8 @@ def test_a_run_learns_resumes_exactly_and_reads_past_its_block_size(arch, char_d
 
 @pytest.mark.parametrize("arch", [dict(position="rope", n_kv_head=2, attention_window=6), dict(position="alibi", norm_position="post")],
                          ids=["rope-gqa-window", "alibi-post"])
-@pytest.mark.parametrize("settings", [dict(temperature=0), dict(penalty_alpha=0.6, top_k=4)], ids=["greedy", "contrastive"])
+@pytest.mark.parametrize("settings", [dict(temperature=0), dict(penalty_alpha=0.6, top_k=4), dict(num_beams=3)],
+                         ids=["greedy", "contrastive", "beam"])
 def test_generation_of_a_left_padded_batch_equals_one_by_one(arch, settings):
     from gpt.model import pad_sequences
 

@@ -46,6 +46,8 @@ def test_hf_to_ours_gives_equal_logits(tmp_path, safe_serialization):
     assert ours.config.n_layer == 2 and ours.config.block_size == 48 and ours.config.vocab_size == 300
     idx = random_ids(300)
     torch.testing.assert_close(our_logits(ours, idx), hf_logits(hf, idx), rtol=1e-4, atol=1e-4)
+    # the transposed Conv1D weights are stored in nn.Linear's own layout, not as transposed views
+    assert all(p.is_contiguous() for p in ours.parameters())
 
 
 @pytest.mark.parametrize("bias", [True, False])

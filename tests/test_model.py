@@ -5,9 +5,10 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from gpt import GPT, GPTConfig, UserError
-from gpt.model import CausalSelfAttention
+from gpt.model import CausalSelfAttention, Linear, pad_sequences
 from gpt.system import peak_bf16_flops
 
 SMALL = dict(block_size=32, vocab_size=97, n_layer=3, n_head=4, n_embd=32)
@@ -224,6 +225,58 @@ def test_kv_cache_repeat_and_select_rows(arch):
             seqs = torch.cat([seqs, nxt], 1)
             torch.testing.assert_close(logits[:, 0], all_logits(model, seqs)[:, -1], rtol=1e-5, atol=1e-5)
     assert cache.batch_size == 4
+
+
+@ARCHITECTURES
+def test_static_cache_and_candidate_slots_equal_full_forward(arch):
+    """The decoding step as it is compiled: attention reads every slot of a static cache (the
+    empty ones masked out), and k candidates for a row's next token share the row's cache,
+    each seeing the row and itself; the kept candidate is then part of the row."""
+    model = small_model(**arch)
+    g = torch.Generator().manual_seed(6)
+    rows = [[5, 6, 7, 8, 9, 10, 11], [12, 13]]
+    idx, mask = pad_sequences(rows)  # left-padded
+    cache = model.new_kv_cache(2, length=24)
+
+    def alone(r, tokens):  # the last position's logits of row r followed by tokens, without a cache
+        return all_logits(model, torch.tensor([rows[r] + tokens]))[0, -1]
+
+    with torch.no_grad():
+        model.hidden_states(idx, attention_mask=mask, kv_cache=cache)
+        cache.static = True
+        for _ in range(4):
+            candidates = torch.randint(0, 97, (2, 3), generator=g)
+            h = model.decode(candidates, *cache.claim_candidates(3), cache)  # (2, 3, C)
+            for r in range(2):
+                for c in range(3):
+                    torch.testing.assert_close(model.logits(h[r, c]), alone(r, [int(candidates[r, c])]),
+                                               rtol=1e-5, atol=1e-5)
+            chosen = torch.randint(0, 3, (2,), generator=g)
+            cache.keep_candidate(chosen)
+            for r in range(2):
+                rows[r].append(int(candidates[r, chosen[r]]))
+            nxt = torch.randint(0, 97, (2, 1), generator=g)
+            h = model.decode(nxt, *cache.claim(1), cache)
+            for r in range(2):
+                torch.testing.assert_close(model.logits(h[r, 0]), alone(r, [int(nxt[r])]), rtol=1e-5, atol=1e-5)
+                rows[r].append(int(nxt[r]))
+    assert cache.length == 7 + 4 * 2 and cache.capacity == 24
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(1, 40), (1, 1, 40), (2, 40), (1, 3, 40), (4, 1, 40), (5, 40), (2, 7, 40)])
+def test_linear_equals_f_linear_for_any_number_of_rows(shape, bias):
+    """Linear's CPU product for 1-4 rows (W xᵀ) equals nn.Linear's, gradients included."""
+    torch.manual_seed(0)
+    layer = Linear(40, 24, bias=bias)
+    x = torch.randn(shape, requires_grad=True)
+    out = layer(x)
+    reference = F.linear(x, layer.weight, layer.bias)
+    assert out.shape == (*shape[:-1], 24) and out.is_contiguous()
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-6)
+    grads = torch.autograd.grad(out.square().sum(), [x, layer.weight])
+    for got, expected in zip(grads, torch.autograd.grad(reference.square().sum(), [x, layer.weight])):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
 @ARCHITECTURES

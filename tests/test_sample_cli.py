@@ -51,6 +51,22 @@ def test_streaming_and_batch_agree_and_stop_strings_cut(run_dir):
     assert "-" * 40 not in greedy.stdout and "same text every time: one sample" in greedy.stderr
 
 
+def test_beam_search_prints_the_best_beam_at_the_end(run_dir):
+    common = [f"--out_dir={run_dir}", "--prompt=ROMEO:", "--num_beams=3", "--max_new_tokens=30"]
+    batch, live = sample(*common, "--no-stream"), sample(*common, "--stream")
+    assert batch.returncode == 0 and live.returncode == 0, batch.stderr + live.stderr
+    assert batch.stdout == live.stdout and batch.stdout.startswith("ROMEO:") and len(batch.stdout) > len("ROMEO:") + 5
+    assert "beam search chooses its text at the end" in live.stderr
+
+
+@pytest.mark.slow
+def test_compiled_decoding_gives_the_same_text(run_dir):
+    common = [f"--out_dir={run_dir}", "--prompt=ROMEO:", "--temperature=0", "--max_new_tokens=30", "--no-stream"]
+    compiled, eager = sample(*common, "--compile"), sample(*common, "--no-compile")
+    assert compiled.returncode == 0, compiled.stderr
+    assert compiled.stdout == eager.stdout
+
+
 def test_empty_prompt_starts_from_end_of_text(run_dir):
     run = sample(f"--out_dir={run_dir}", "--prompt=", "--num_samples=1", "--max_new_tokens=10", "--no-stream")
     assert run.returncode == 0 and "empty prompt: starting from <|endoftext|>" in run.stderr

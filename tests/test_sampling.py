@@ -6,7 +6,8 @@ import torch
 
 from gpt import GPT, GPTConfig, UserError
 from gpt.hf import from_pretrained
-from gpt.sampling import MinP, RepetitionPenalty, Temperature, TopK, TopP, generate, pad_sequences, stream
+from gpt.sampling import (MinP, RepetitionPenalty, SamplingConfig, Temperature, TopK, TopP, _contrastive_choice, _Context,
+                          generate, pad_sequences, stream)
 
 transformers = pytest.importorskip("transformers")
 from transformers.generation import logits_process as hf_lp  # noqa: E402
@@ -95,6 +96,67 @@ def test_contrastive_search_on_a_left_padded_batch_equals_transformers(models):
                            max_new_tokens=15, pad_token_id=210)
     got = generate(ours, idx, 15, penalty_alpha=0.6, top_k=4, attention_mask=mask)
     assert got.tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("prompt", PROMPTS, ids=lambda p: f"len{len(p)}")
+@pytest.mark.parametrize("num_beams, length_penalty, early_stopping",
+                         [(2, 1.0, False), (4, 1.0, False), (4, 0.5, True), (3, -1.0, "never"), (4, 2.0, "never")])
+def test_beam_search_equals_transformers(models, prompt, num_beams, length_penalty, early_stopping):
+    hf, ours = models
+    settings = dict(num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping)
+    free = hf_generate(hf, prompt, max_new_tokens=12)
+    for eos in (210, free[len(prompt) + 3]):  # eos never generated / generated: hypotheses finish early
+        idx = torch.tensor([prompt])
+        expected = hf.generate(idx, attention_mask=torch.ones_like(idx), do_sample=False, max_new_tokens=12,
+                               pad_token_id=eos, eos_token_id=eos, **settings)
+        got = generate(ours, idx, 12, eos_token_id=eos, **settings)
+        assert got.tolist() == expected.tolist()
+
+
+def test_beam_search_on_a_left_padded_batch_returns_the_best_beams_like_transformers(models):
+    hf, ours = models
+    idx, mask = pad_sequences(PROMPTS, pad_id=210)
+    for n in (1, 3):
+        expected = hf.generate(idx, attention_mask=mask, do_sample=False, num_beams=4, num_return_sequences=n,
+                               max_new_tokens=15, pad_token_id=210, repetition_penalty=1.3)
+        got = generate(ours, idx, 15, num_beams=4, attention_mask=mask, eos_token_id=210, num_samples=n,
+                       repetition_penalty=1.3)
+        assert got.tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("settings", [dict(penalty_alpha=0.6, top_k=4), dict(num_beams=3)], ids=["contrastive", "beam"])
+def test_decoding_steps_never_copy_the_cache(models, settings):
+    """Contrastive search writes its candidates into spare slots of the one cache and beams are
+    reordered in place: the cache's storage is the same at every step."""
+    _, ours = models
+    sampling = SamplingConfig(**settings)
+    with torch.no_grad():
+        ctx = _Context(ours, torch.tensor([PROMPTS[2]]), torch.ones(1, 17), 10,
+                       spare=3 if sampling.contrastive else 0, keep_hidden=sampling.contrastive)
+        if not sampling.contrastive:
+            ctx.repeat(3)
+        storage = ctx.cache.k.untyped_storage().data_ptr(), ctx.cache.v.untyped_storage().data_ptr()
+        for _ in range(10):
+            if sampling.contrastive:
+                _contrastive_choice(ctx, ctx.logits, 4, 0.6)
+            else:
+                ctx.select(torch.tensor([2, 0, 0]))
+                ctx.step(ctx.logits.argmax(-1))
+            assert (ctx.cache.k.untyped_storage().data_ptr(), ctx.cache.v.untyped_storage().data_ptr()) == storage
+    assert ctx.cache.length == 17 + 10
+
+
+@pytest.mark.slow
+def test_compiled_decoding_equals_eager_and_transformers(models):
+    """compile=True: the static cache and the compiled step (torch.compile; inductor on CPU)."""
+    hf, ours = models
+    for prompt in PROMPTS[1:3]:  # one compiled graph per step shape serves both
+        idx = torch.tensor([prompt])
+        for settings, hf_settings in [(dict(temperature=0), {}), (dict(penalty_alpha=0.6, top_k=4), {})]:
+            hf_settings = {k: v for k, v in settings.items() if k != "temperature"}
+            expected = hf_generate(hf, prompt, max_new_tokens=20, **hf_settings)
+            assert generate(ours, idx, 20, compile=True, **settings)[0].tolist() == expected
+            assert generate(ours, idx, 20, compile=False, **settings)[0].tolist() == expected
 
 
 # ---- our own guarantees ---------------------------------------------------------------------------
@@ -199,6 +261,10 @@ def test_rows_stop_at_eos(models):
         (dict(penalty_alpha=1.5, top_k=4), "penalty_alpha must be in [0, 1]"),
         (dict(min_p=2.0), "min_p must be in [0, 1]"),
         (dict(repetition_penalty=0.0), "repetition_penalty must be > 0"),
+        (dict(num_beams=0), "num_beams must be >= 1"),
+        (dict(num_beams=4, top_p=0.9), "beam search (num_beams > 1) does not sample"),
+        (dict(num_beams=4, penalty_alpha=0.6, top_k=4), "beam search (num_beams > 1) does not sample"),
+        (dict(num_beams=2, early_stopping="sometimes"), "early_stopping must be true, false or never"),
     ],
 )
 def test_bad_settings_are_clear_errors(models, kwargs, message):
@@ -207,3 +273,11 @@ def test_bad_settings_are_clear_errors(models, kwargs, message):
         generate(ours, torch.tensor([[1, 2]]), 5, **kwargs)
     with pytest.raises(UserError, match="max_new_tokens must be at least 1"):
         generate(ours, torch.tensor([[1, 2]]), 0)
+
+
+def test_beam_search_cannot_stream_and_returns_at_most_num_beams(models):
+    _, ours = models
+    with pytest.raises(UserError, match="beam search chooses its text only at the end"):
+        next(stream(ours, torch.tensor([[1, 2]]), 5, num_beams=2))
+    with pytest.raises(UserError, match="at most num_beams"):
+        generate(ours, torch.tensor([[1, 2]]), 5, num_beams=2, num_samples=3)
