@@ -246,7 +246,7 @@ class Linear(nn.Linear):
     how fast the weights stream from memory. For one row, the CPU BLAS (MKL) computes
     x Wᵀ as a matrix-vector product on a single core; computed as W xᵀ with two or more
     columns, the same numbers take the multi-threaded matrix-product path, 2-3x faster
-    on a 2-core machine (benchmarks/RESULTS.md, "Decoding step"). So on a CPU, 1 to 4
+    on a 2-core machine (benchmarks/RESULTS.md, "Generation"). So on a CPU, 1 to 4
     rows go that way (one row is doubled); everything else is nn.Linear's F.linear.
     """
 
@@ -258,7 +258,7 @@ class Linear(nn.Linear):
         y = self.weight @ (torch.cat([x2, x2]) if rows == 1 else x2).t()  # (out, 2 or rows)
         y = y[:, :rows].t()
         if self.bias is not None:
-            y = y + self.bias
+            y = y + self.bias.to(y.dtype)  # under autocast y is bf16, like F.linear's output
         return y.contiguous().view(*x.shape[:-1], -1)  # row-major, as attention kernels want
 
 

@@ -141,9 +141,9 @@ class SamplingConfig:
                                       "not used)")
     length_penalty: float = _setting(1.0, float, "beam search: finished texts are scored sum log p / "
                                                  "length ** length_penalty (> 0 favours longer ones)")
-    early_stopping: bool | str = _setting(False, _early_stopping, "beam search: true (stop once num_beams texts "
-                                          "are finished), false (stop when none can get better, by a "
-                                          "heuristic) or never (by the exact bound)")
+    early_stopping: bool | str = _setting(False, str, "beam search: true (stop once num_beams texts are "
+                                                      "finished), false (stop when none can get better, by "
+                                                      "a heuristic) or never (by the exact bound)")
 
     def __post_init__(self):
         """Reject settings that have no meaning, with the name and the allowed range."""

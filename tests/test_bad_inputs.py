@@ -169,6 +169,10 @@ SAMPLE = [
     ("device", lambda c: [f"--out_dir={c.w['lm']}", "--device=cuda:7"], "--device 'cuda:7' is not usable here"),
     ("top_k", lambda c: [f"--out_dir={c.w['lm']}", "--top_k=0"], "top_k must be >= 1"),
     ("bad number", lambda c: [f"--out_dir={c.w['lm']}", "--top_k=many"], "invalid int value: 'many'"),
+    ("beams with top_p", lambda c: [f"--out_dir={c.w['lm']}", "--num_beams=4", "--top_p=0.9"],
+     "beam search (num_beams > 1) does not sample"),
+    ("early_stopping", lambda c: [f"--out_dir={c.w['lm']}", "--num_beams=2", "--early_stopping=sometimes"],
+     "early_stopping must be true, false or never"),
 ]
 
 PREPARE = [

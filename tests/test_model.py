@@ -277,6 +277,8 @@ def test_linear_equals_f_linear_for_any_number_of_rows(shape, bias):
     grads = torch.autograd.grad(out.square().sum(), [x, layer.weight])
     for got, expected in zip(grads, torch.autograd.grad(reference.square().sum(), [x, layer.weight])):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the same output dtype as nn.Linear under autocast
+        assert layer(x).dtype == F.linear(x, layer.weight, layer.bias).dtype == torch.bfloat16
 
 
 @ARCHITECTURES

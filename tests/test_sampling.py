@@ -1,5 +1,8 @@
-"""Generation: processors equal transformers', greedy and contrastive search token-identical
-to transformers, cache vs no cache, batches, sampling, sliding window, eos, bad settings."""
+"""Generation: processors equal transformers', greedy, contrastive and beam search token-identical
+to transformers, compiled = eager, no cache copies, cache vs no cache, batches, sampling,
+sliding window, eos, bad settings."""
+
+import re
 
 import pytest
 import torch
@@ -269,7 +272,7 @@ def test_rows_stop_at_eos(models):
 )
 def test_bad_settings_are_clear_errors(models, kwargs, message):
     _, ours = models
-    with pytest.raises(UserError, match=message.replace("(", r"\(").replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(UserError, match=re.escape(message)):
         generate(ours, torch.tensor([[1, 2]]), 5, **kwargs)
     with pytest.raises(UserError, match="max_new_tokens must be at least 1"):
         generate(ours, torch.tensor([[1, 2]]), 0)
