@@ -143,10 +143,19 @@ class SystemConfig:
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:1 | mps
     dtype: str = "auto"  # auto (bf16 autocast on GPUs that have it, else fp16; fp32 on CPU) | float32 | bfloat16 | float16
     compile: bool | str = "auto"  # torch.compile the model: true | false | "auto" (on CUDA)
+    # Under torchrun: "ddp" (a whole model per process) | "fsdp" (sharded over processes; gpt/parallel.py)
+    parallel: str = "ddp"
+    reshard_after_forward: bool = True  # fsdp: free gathered weights after forward (less memory, more traffic)
+    activation_checkpointing: str = "none"  # "none" | "blocks" (recompute each block in backward: less memory)
 
     def __post_init__(self):
         require(self.dtype in DTYPES, "dtype", f"one of {', '.join(DTYPES)}", self.dtype)
         require(self.compile in (True, False, "auto"), "compile", 'true, false or "auto"', self.compile)
+        require(self.parallel in ("ddp", "fsdp"), "parallel", '"ddp" or "fsdp"', self.parallel)
+        require(self.activation_checkpointing in ("none", "blocks"), "activation_checkpointing", '"none" or "blocks"',
+                self.activation_checkpointing)
+        require(isinstance(self.reshard_after_forward, bool), "reshard_after_forward", "true or false",
+                self.reshard_after_forward)
 
 
 # Each task's own section ([classify], ...), from the task registry (gpt/tasks/__init__.py).

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from gpt.errors import UserError
 from gpt.positions import POSITIONS, alibi_slopes, apply_rope, rope_angles, sinusoidal
@@ -393,6 +394,7 @@ class GPT(nn.Module):
         self.lm_head.weight = self.transformer.wte.weight  # tied input/output embedding
         if config.position == "alibi":  # a constant, not a weight: kept out of the state_dict
             self.register_buffer("alibi_slopes", alibi_slopes(config.n_head), persistent=False)
+        self.checkpoint_blocks = False  # activation checkpointing (set by gpt.parallel): recompute in backward
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -492,7 +494,10 @@ class GPT(nn.Module):
         if self.config.position == "rope":
             rope = rope_angles(pos.clamp(min=0), self.config.head_dim, self.config.rope_base)
         for block in self.transformer.h:
-            x = block(x, attn_mask, rope, kv_cache, slots)
+            if self.checkpoint_blocks and torch.is_grad_enabled():  # keep x only; recompute the block in backward
+                x = torch.utils.checkpoint.checkpoint(block, x, attn_mask, rope, kv_cache, slots, use_reentrant=False)
+            else:
+                x = block(x, attn_mask, rope, kv_cache, slots)
         return self.transformer.ln_f(x)
 
     def embed(self, idx, pos):

@@ -39,6 +39,8 @@ from gpt.atomic import atomic_path
 from gpt.checkpoint import BEST, load_checkpoint, previous_checkpoints, rng_state, save_checkpoint, set_rng_state
 from gpt.config import Config, OptimConfig, save_config
 from gpt.errors import UserError
+from gpt.parallel import (clip_grad_norm, gradient_sync, load_model_state, load_optimizer_state, model_state,
+                          optimizer_state, parallelize)
 from gpt.system import (all_reduce_sum, autocast, barrier, finish_processes, pick_device, pick_dtype, start_processes,
                         to_device)
 from gpt.tasks import TASKS
@@ -125,10 +127,12 @@ class Trainer:
         self._start_system(cfg, overwrite)
         self.task: Task = TASKS[cfg.run.task](cfg, self.procs)  # the data, read and checked
         checkpoint = self._build_model(cfg)
-        self._build_optimizer()
+        if checkpoint is not None:  # whole tensors, before FSDP shards them
+            self.model.load_state_dict(checkpoint["model"])
+        self._wrap_model()
+        self._build_optimizer()  # on the parameters that train (FSDP's shards)
         if checkpoint is not None:
             self._restore(checkpoint)
-        self._wrap_model()
         self._start_outputs(resumed=checkpoint is not None)
 
     # ---- setup stages, in order ------------------------------------------------------------------
@@ -182,9 +186,9 @@ class Trainer:
         torch.manual_seed(cfg.run.seed + self.procs.rank)  # dropout differs between processes
 
     def _restore(self, ckpt: dict) -> None:
-        """A resumed run: weights, optimiser, scaler, the task's data position, the loop, the RNGs."""
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        """A resumed run (weights already loaded): optimiser, scaler, the task's data position, the
+        loop, the RNGs."""
+        load_optimizer_state(self.model, self.optimizer, ckpt["optimizer"])
         if ckpt["scaler"] and self.scaler.is_enabled():  # empty when written without fp16
             self.scaler.load_state_dict(ckpt["scaler"])
         self.task.load_state_dict(ckpt["sampler"])
@@ -198,12 +202,10 @@ class Trainer:
                   f"{self.procs.world_size}: random generators start afresh (data order is unchanged)")
 
     def _wrap_model(self) -> None:
-        """The models that run: compiled (evaluation), and wrapped for DDP (training steps)."""
-        compile_ = self.cfg.system.compile if self.cfg.system.compile != "auto" else self.device.type == "cuda"
-        self.compiled = torch.compile(self.model) if compile_ else self.model
-        self.train_model = self.compiled
-        if self.procs.world_size > 1:
-            self.train_model = DDP(self.compiled, device_ids=[self.procs.local_rank] if self.device.type == "cuda" else None)
+        """The models that run (gpt/parallel.py): for training steps, wrapped for DDP or sharded by
+        FSDP; for evaluation, the same without DDP's wrapper. Compiled as system.compile says."""
+        self.train_model = parallelize(self.model, self.procs, self.device, self.cfg.system, self.dtype)
+        self.compiled = self.train_model.module if isinstance(self.train_model, DDP) else self.train_model
 
     def _start_outputs(self, resumed: bool) -> None:
         """Once everything is set up: start wandb, write config.toml, forget metrics past the
@@ -282,7 +284,7 @@ class Trainer:
             trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
             print(f"training {trainable / 1e6:.2f}M parameters on {self.device} ({str(self.dtype)[6:]}), "
                   f"{self.procs.world_size} process(es), {self.task.describe_step(self.grad_accum)}, "
-                  f"iterations {self.state.iter} -> {cfg.run.max_iters}")
+                  f"iterations {self.state.iter} -> {cfg.run.max_iters}" + _engine(cfg.system, self.procs.world_size))
         handlers = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             self._loop()
@@ -371,16 +373,15 @@ class Trainer:
             batch = to_device(self.task.next_batch(), self.device)
             self.tokens_since_log += batch[0].numel() * self.procs.world_size
             last = micro == self.grad_accum - 1
-            # DDP averages gradients over processes on the last micro-step only
-            sync = contextlib.nullcontext() if last or self.procs.world_size == 1 else self.train_model.no_sync()
-            with sync:
+            # gradients are averaged over processes on the last micro-step only
+            with gradient_sync(self.train_model, last or self.procs.world_size == 1):
                 with self._autocast():
                     loss = self.task.loss(self.train_model, batch) / self.grad_accum  # summed gradient = full batch's mean
                 self.scaler.scale(loss).backward()
             total += loss.detach()
         self.scaler.unscale_(self.optimizer)
         clip = self.cfg.optim.grad_clip or float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], clip)
+        grad_norm = clip_grad_norm(self.model, clip)
         self.scaler.step(self.optimizer)  # skips the step if fp16 gradients overflowed
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -448,7 +449,7 @@ class Trainer:
             return
         barrier()  # best.pt is complete
         best = load_checkpoint(self.out_dir / BEST)
-        self.model.load_state_dict(best["model"])
+        load_model_state(self.model, best["model"])
         try:
             metrics, line = self.evaluate(self.task.final_splits)
         except _Stopped:
@@ -462,15 +463,16 @@ class Trainer:
         if self.procs.world_size > 1:
             rngs = [None] * self.procs.world_size
             torch.distributed.all_gather_object(rngs, rng_state())
+        model, optimizer = model_state(self.model), optimizer_state(self.model, self.optimizer)  # FSDP: gathered
         if not self.procs.is_main:
             return
         state = {
             "task": self.cfg.run.task,
-            "model": self.model.state_dict(),
+            "model": model,
             "model_config": dataclasses.asdict(self.model.config),
             **self.task.checkpoint_info(),
             "config": self.cfg.to_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer,
             "scaler": self.scaler.state_dict(),
             "sampler": self.task.state_dict(),
             "rng": rngs,
@@ -519,6 +521,13 @@ class Trainer:
         else:
             now = "finishing this step"
         print(f"\n{signal.Signals(signum).name}: {now}, then saving (Ctrl-C again to abort)", flush=True)
+
+
+def _engine(system, world_size: int) -> str:
+    """How the run is spread and what it recomputes, for the first line of output."""
+    parts = ([system.parallel] if world_size > 1 or system.parallel != "ddp" else []) + \
+        (["activation checkpointing"] if system.activation_checkpointing != "none" else [])
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def _duration(seconds: float) -> str:

@@ -77,6 +77,7 @@ def test_there_is_no_import_cycle_in_the_package():
     ("gpt.positions", set()),  # formulas only
     ("gpt.model", {"gpt.errors", "gpt.system", "gpt.positions"}),  # the network alone: no hf, files, tokenizers, training
     ("gpt.sampling", {"gpt.errors", "gpt.model"}),  # no files
+    ("gpt.parallel", {"gpt.errors", "gpt.system"}),  # knows no model, trainer or checkpoint file
     ("gpt.dataset", {"gpt.errors"}),
     ("gpt.hf", {"gpt.errors", "gpt.atomic", "gpt.model"}),
 ])

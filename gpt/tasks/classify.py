@@ -262,12 +262,15 @@ class Classification:
         data, n = self.data[split], len(self.labels)
         mine = list(range(self.procs.rank, len(data), self.procs.world_size))
         loss, confusion = torch.zeros((), device=device), torch.zeros(n * n, device=device)
-        for start in range(0, len(mine), self.batch_size):
-            idx, mask, labels = to_device(data.batch(mine[start : start + self.batch_size], self.tokenizer.eot_token), device)
+        share = -(-len(data) // self.procs.world_size)  # the largest share: every process runs as many batches
+        for start in range(0, share, self.batch_size):  # (under FSDP the processes run each forward together)
+            chunk = mine[start : start + self.batch_size]
+            idx, mask, labels = to_device(data.batch(chunk or mine[:1] or [0], self.tokenizer.eot_token), device)
             with each_batch():
                 logits, batch_loss = model(idx, mask, labels)
-            loss += batch_loss.float() * len(labels)
-            confusion += torch.bincount(labels * n + logits.argmax(-1), minlength=n * n).float()
+            if chunk:  # else a stand-in batch, not counted
+                loss += batch_loss.float() * len(labels)
+                confusion += torch.bincount(labels * n + logits.argmax(-1), minlength=n * n).float()
         return {"loss": loss, "confusion": confusion}
 
     def summarize(self, sums: dict[str, dict[str, torch.Tensor]]) -> tuple[dict, str]:

@@ -1,0 +1,144 @@
+"""Data parallelism over processes (DDP or FSDP2) and activation checkpointing, in one place.
+
+    train_model = parallelize(model, procs, device, system, dtype)   # what the training step calls
+    with gradient_sync(train_model, last_micro_step): loss.backward() # accumulation: reduce once
+    norm = clip_grad_norm(model, max_norm)                          # the global norm, over all shards
+    weights = model_state(model)                                    # whole tensors, on CPU
+    optimizer_state(model, optimizer) / load_optimizer_state(model, optimizer, state)
+
+Every process trains the same model on its own share of each batch, and gradients
+are averaged over processes before the optimizer step; the two engines differ in
+where the model lives:
+
+- DDP (system.parallel = "ddp"): each process keeps the whole model, its gradients
+  and the AdamW state: 4 + 4 + 8 = 16 bytes per parameter before activations, so a
+  GPT-2 XL (1.5B) needs ~24 GB per GPU, whatever the number of GPUs.
+- FSDP (system.parallel = "fsdp", PyTorch's fully_shard): each transformer block
+  and the rest of the model are sharded over the processes: each keeps 1/N of
+  every weight, gradient and optimizer state (16 / N bytes per parameter), gathers
+  a block's full weights just before the block runs (forward and backward) and
+  frees them after (system.reshard_after_forward = false keeps them from forward to
+  backward: faster, more memory). Gradients are reduce-scattered: each process
+  gets the average of its shard. With bf16 (system.dtype), blocks compute in bf16
+  while the sharded master weights and the gradient reduction stay fp32: what
+  autocast means for DDP.
+
+Activation checkpointing (system.activation_checkpointing = "blocks") keeps only
+each block's input during the forward pass and recomputes the block during
+backward: activation memory of one block instead of all of them, for about a
+third more compute (the modern form of the saving reversible layers aim at). The
+results are the same: the recomputation replays the same random numbers.
+
+Checkpoints hold whole tensors in either case (gathered on the main process), so
+a run can resume with the other engine or another number of processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from gpt.errors import UserError
+from gpt.system import Processes
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether fully_shard was applied to the model (FSDP)."""
+    return type(model).__name__.startswith("FSDP")
+
+
+def parallelize(model: nn.Module, procs: Processes, device: torch.device, system, dtype: torch.dtype) -> nn.Module:
+    """Apply activation checkpointing, FSDP sharding or DDP, and torch.compile as `system` says;
+    returns the module the training step calls. FSDP shards `model` in place (its parameters
+    become DTensors: build the optimizer after this); DDP wraps it."""
+    compile_ = system.compile if system.compile != "auto" else device.type == "cuda"
+    backbone = getattr(model, "backbone", model)  # the GPT inside a classifier
+    backbone.checkpoint_blocks = system.activation_checkpointing == "blocks"
+    if system.parallel == "fsdp":
+        if dtype == torch.float16:
+            raise UserError("system.parallel = \"fsdp\" does not train in float16 (its gradient scaler is not "
+                            "sharded): use system.dtype = \"bfloat16\" or \"float32\"")
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        if not dist.is_initialized():  # one process, not under torchrun: a group of one
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                    world_size=1)
+        mesh = init_device_mesh(device.type, (procs.world_size,))
+        policy = MixedPrecisionPolicy(param_dtype=dtype if dtype != torch.float32 else None, reduce_dtype=torch.float32)
+        for block in backbone.transformer.h:
+            if compile_:
+                block.compile()  # in place: parameter names do not change
+            fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=system.reshard_after_forward)
+        fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=system.reshard_after_forward)
+        return model
+    compiled = torch.compile(model) if compile_ else model
+    if procs.world_size == 1:
+        return compiled
+    return DDP(compiled, device_ids=[procs.local_rank] if device.type == "cuda" else None)
+
+
+def gradient_sync(train_model: nn.Module, enabled: bool):
+    """Context for one micro-step's backward: with enabled False, gradients accumulate locally
+    and are not averaged over processes (all but the last micro-step of a step)."""
+    if isinstance(train_model, DDP) and not enabled:
+        return train_model.no_sync()
+    if is_sharded(train_model):
+        train_model.set_requires_gradient_sync(enabled)
+    return contextlib.nullcontext()
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Scale the gradients so that their global norm is at most max_norm; -> that norm before
+    clipping (over every shard of every process under FSDP)."""
+    norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def model_state(model: nn.Module) -> dict:
+    """The model's state_dict with whole tensors (under FSDP gathered on CPU: all processes must
+    call this; the main process gets the tensors, the others an empty dict)."""
+    if not is_sharded(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's state_dict with whole tensors: as PyTorch writes it (keyed by parameter
+    number), or under FSDP gathered on CPU and keyed by parameter name (all processes must call
+    this; the main process gets the tensors). load_optimizer_state reads both."""
+    if not is_sharded(model):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_model_state(model: nn.Module, state: dict) -> None:
+    """Load whole tensors (model_state's output, read by every process) into the model; under
+    FSDP each process keeps its shard."""
+    if not is_sharded(model):
+        model.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Restore `optimizer_state`'s output (each process takes its shard), or the state_dict of
+    an optimizer built by gpt.trainer.make_optimizer (older checkpoints: keyed by number)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    if state["state"] and isinstance(next(iter(state["state"])), int):
+        names = {id(p): name for name, p in model.named_parameters()}
+        order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+        state = {"state": {order[i]: s for i, s in state["state"].items()},
+                 "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
