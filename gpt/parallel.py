@@ -46,9 +46,18 @@ from gpt.errors import UserError
 from gpt.system import Processes
 
 
+def _fsdp():
+    """(FSDPModule, MixedPrecisionPolicy, fully_shard): public since torch 2.6, in _composable before."""
+    try:
+        from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+    except ImportError:
+        from torch.distributed._composable.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+    return FSDPModule, MixedPrecisionPolicy, fully_shard
+
+
 def is_sharded(model: nn.Module) -> bool:
     """Whether fully_shard was applied to the model (FSDP)."""
-    return type(model).__name__.startswith("FSDP")
+    return isinstance(model, _fsdp()[0])
 
 
 def parallelize(model: nn.Module, procs: Processes, device: torch.device, system, dtype: torch.dtype) -> nn.Module:
@@ -63,8 +72,8 @@ def parallelize(model: nn.Module, procs: Processes, device: torch.device, system
             raise UserError("system.parallel = \"fsdp\" does not train in float16 (its gradient scaler is not "
                             "sharded): use system.dtype = \"bfloat16\" or \"float32\"")
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        _, MixedPrecisionPolicy, fully_shard = _fsdp()
         if not dist.is_initialized():  # one process, not under torchrun: a group of one
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
                                     world_size=1)
