@@ -19,10 +19,21 @@ pickled classes), so it loads with torch.load(..., weights_only=True). Format 1:
                        the loop's state (gpt.trainer.TrainState)
     metrics            the evaluation made at this iteration, or None (saved on a signal)
     labels, classify   task "classify" only: the label names in head order, the [classify] settings
+    shards             instead of model and optimizer, under FSDP: the name of the directory
+                       beside the file that holds them, written by every process (below)
 
 In out_dir: ckpt-0001000.pt for each save (the last `keep_last` are kept),
 ckpt.pt the latest and best.pt the best by the task's metric (both hard links,
 so no data is written twice). A file appears complete or not at all.
+
+Sharded checkpoints (a run with system.parallel = "fsdp"): each process writes
+its pieces of the weights and optimizer state with torch.distributed.checkpoint
+into ckpt-0001000.shards/ (no process ever holds the whole model); the directory
+is written under a temporary name and renamed once every process has finished,
+and only then is ckpt-0001000.pt written, so a kill at any moment leaves the
+previous checkpoint whole. They load on any number of processes (the pieces are
+re-cut), in one process (load_model reads the weights from the shards), and
+`python -m gpt.checkpoint consolidate out/run/ckpt.pt` turns one into a single file.
 """
 
 from __future__ import annotations
@@ -37,9 +48,10 @@ import torch
 import torch.nn as nn
 
 from gpt.atomic import atomic_path
-from gpt.errors import UserError, describe_os_error, free_space
+from gpt.errors import ArgumentParser, UserError, describe_os_error, exit_on_user_error, free_space
 from gpt.model import GPT, GPTClassifier, GPTConfig
 from gpt.hf import from_pretrained
+from gpt.system import barrier
 from gpt.tokenizer import Tokenizer, from_spec, get_tokenizer
 
 FORMAT_VERSION = 1
@@ -102,7 +114,64 @@ def save_checkpoint(state: dict, out_dir: str | Path, *, keep_last: int, is_best
         _link(path, out_dir / BEST)
     for old in sorted(out_dir.glob("ckpt-*.pt"))[:-keep_last]:
         old.unlink()
+    shard_dirs = list(out_dir.glob("ckpt-*.shards"))
+    if shard_dirs:  # those of the removed files go, unless best.pt still needs them
+        needed = {p.stem + ".shards" for p in out_dir.glob("ckpt-*.pt")}
+        if (out_dir / BEST).is_file():
+            needed.add(torch.load(out_dir / BEST, map_location="cpu", weights_only=True).get("shards"))
+        for old in shard_dirs:
+            if old.name not in needed:
+                shutil.rmtree(old)
     return path
+
+
+def write_shards(state: dict, out_dir: str | Path, iteration: int) -> str:
+    """Every process writes its pieces of `state` (FSDP's sharded state dicts) into
+    ckpt-ITER.shards/ in out_dir, complete or not at all; returns the directory's name, which
+    the checkpoint file written after it records. All processes must call this."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    out_dir, name = Path(out_dir), f"ckpt-{iteration:07d}.shards"
+    final, tmp = out_dir / name, out_dir / f".{name}.tmp-all"
+    main = not dist.is_initialized() or dist.get_rank() == 0
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    barrier()
+    dcp.save(state, checkpoint_id=tmp)  # each process its own file, fsynced; rank 0 adds the index
+    barrier()
+    if main:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    barrier()
+    return name
+
+
+def shard_dir(path: str | Path, ckpt: dict) -> Path:
+    """The directory of a sharded checkpoint's weights (beside the file)."""
+    directory = Path(path).parent / ckpt["shards"]
+    if not (directory / ".metadata").is_file():
+        raise UserError(f"{path} keeps its weights in {directory}, which is missing or incomplete: copy the run "
+                        f"directory whole, or use another checkpoint")
+    return directory
+
+
+def read_shards(state: dict, directory: str | Path) -> None:
+    """Fill `state` (state dicts whose tensors are the right shape: whole, or this process's
+    shards under FSDP) in place from a shard directory; works on any number of processes."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.load(state, checkpoint_id=directory)
+
+
+def load_weights(model: nn.Module, ckpt: dict, path: str | Path) -> None:
+    """A checkpoint's weights into `model` (whole tensors): from the file, or from its shards."""
+    if "shards" not in ckpt:
+        model.load_state_dict(ckpt["model"])
+        return
+    state = model.state_dict()
+    read_shards({"model": state}, shard_dir(path, ckpt))
+    model.load_state_dict(state)
 
 
 # ---- reading ------------------------------------------------------------------------------------
@@ -130,9 +199,10 @@ def load_checkpoint(path: str | Path) -> dict:
 
 
 def previous_checkpoints(out_dir: str | Path) -> list[Path]:
-    """The checkpoint files of a run directory: ckpt.pt, ckpt-*.pt, best.pt."""
+    """The checkpoint files of a run directory: ckpt.pt, ckpt-*.pt, best.pt (and shard directories)."""
     out_dir = Path(out_dir)
-    return sorted(p for p in [*out_dir.glob("ckpt*.pt"), out_dir / BEST] if p.is_file())
+    files = [p for p in [*out_dir.glob("ckpt*.pt"), out_dir / BEST] if p.is_file()]
+    return sorted(files + [p for p in out_dir.glob("ckpt-*.shards") if p.is_dir()])
 
 
 def find_checkpoint(out_dir: str | Path, note=print) -> Path:
@@ -212,5 +282,41 @@ def load_model(path: str | Path, task: str = "lm", device=None) -> tuple[nn.Modu
     ckpt = load_checkpoint(path)
     check_task(ckpt, path, task)
     model = network_from_checkpoint(ckpt)
-    model.load_state_dict(ckpt["model"])
+    load_weights(model, ckpt, path)
     return model.to(device).eval(), from_spec(ckpt["tokenizer"]), ckpt
+
+
+# ---- python -m gpt.checkpoint consolidate ----------------------------------------------------------
+
+
+def consolidate(path: str | Path, out: str | Path | None = None) -> Path:
+    """A sharded checkpoint as one file (weights and optimizer state whole): readable by every
+    command, and resumable like any checkpoint."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    path = Path(path)
+    ckpt = load_checkpoint(path)
+    if "shards" not in ckpt:
+        raise UserError(f"{path} holds whole tensors already: every command reads it as it is")
+    out = Path(out) if out else path.parent / f"consolidated-{ckpt['iter']:07d}.pt"
+    with atomic_path(out) as tmp:
+        dcp_to_torch_save(shard_dir(path, ckpt), tmp)
+        whole = torch.load(tmp, map_location="cpu", weights_only=True)
+        rest = {k: v for k, v in ckpt.items() if k != "shards"}
+        torch.save({**rest, "model": whole["model"], "optimizer": whole["optimizer"]}, tmp)
+    return out
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    p = ArgumentParser(prog="python -m gpt.checkpoint", description="Checkpoint tools.")
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("consolidate", help="a sharded (FSDP) checkpoint as one file")
+    c.add_argument("checkpoint", help="the checkpoint file, e.g. out/run/ckpt.pt")
+    c.add_argument("--out", help="the file to write (default: consolidated-ITER.pt beside it)")
+    args = p.parse_args(argv)
+    print(f"wrote {consolidate(args.checkpoint, args.out)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -27,7 +27,8 @@ from typing import Callable
 
 import torch
 
-from gpt.checkpoint import BEST, LATEST, check_task, find_checkpoint, gpt_from_checkpoint, load_checkpoint
+from gpt.checkpoint import (BEST, LATEST, check_task, find_checkpoint, gpt_from_checkpoint, load_checkpoint,
+                            load_weights)
 from gpt.errors import UserError
 from gpt.hf import HUB_MODELS, from_pretrained
 from gpt.model import GPT, GPTConfig
@@ -84,7 +85,7 @@ def initial_model(cfg, *, scratch_tokenizer: Callable[[], Tokenizer], vocab_sour
         check_task(ckpt, path, "lm", hint="start from a language model's run directory or .pt file")
         check_fits(GPTConfig(**ckpt["model_config"]).parameter_count(), device, f"the model in {path}")
         model = gpt_from_checkpoint(ckpt, _dropout(cfg))
-        model.load_state_dict(ckpt["model"])
+        load_weights(model, ckpt, path)
         note(f"backbone: the language model in {path} (iteration {ckpt['iter']})")
         return Start(_checked(model, cfg, str(path)), from_spec(ckpt["tokenizer"]), None, str(path))
 

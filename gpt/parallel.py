@@ -3,8 +3,8 @@
     train_model = parallelize(model, procs, device, system, dtype)   # what the training step calls
     with gradient_sync(train_model, last_micro_step): loss.backward() # accumulation: reduce once
     norm = clip_grad_norm(model, max_norm)                          # the global norm, over all shards
-    weights = model_state(model)                                    # whole tensors, on CPU
-    optimizer_state(model, optimizer) / load_optimizer_state(model, optimizer, state)
+    state = sharded_state(model, optimizer)                         # FSDP: this process's shards
+    load_sharded_state(model, optimizer, state)                     # after gpt.checkpoint.read_shards
 
 Every process trains the same model on its own share of each batch, and gradients
 are averaged over processes before the optimizer step; the two engines differ in
@@ -29,8 +29,9 @@ backward: activation memory of one block instead of all of them, for about a
 third more compute (the modern form of the saving reversible layers aim at). The
 results are the same: the recomputation replays the same random numbers.
 
-Checkpoints hold whole tensors in either case (gathered on the main process), so
-a run can resume with the other engine or another number of processes.
+Checkpoints: DDP runs save whole tensors from the main process; FSDP runs save
+each process's shards (gpt.checkpoint.write_shards). Either kind resumes with the
+other engine and on another number of processes.
 """
 
 from __future__ import annotations
@@ -108,29 +109,30 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
-def model_state(model: nn.Module) -> dict:
-    """The model's state_dict with whole tensors (under FSDP gathered on CPU: all processes must
-    call this; the main process gets the tensors, the others an empty dict)."""
-    if not is_sharded(model):
-        return model.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
+    """{"model": ..., "optimizer": ...} as this process holds them (under FSDP its shards, as
+    DTensors; else whole tensors), optimizer state keyed by parameter name: what
+    torch.distributed.checkpoint writes, or fills when reading (gpt.checkpoint.write_shards)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if optimizer is None:
+        return {"model": get_model_state_dict(model)}
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optimizer": optimizer_state}
 
 
-def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """The optimizer's state_dict with whole tensors: as PyTorch writes it (keyed by parameter
-    number), or under FSDP gathered on CPU and keyed by parameter name (all processes must call
-    this; the main process gets the tensors). load_optimizer_state reads both."""
-    if not is_sharded(model):
-        return optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+def load_sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, state: dict) -> None:
+    """Put sharded_state's dicts, once filled, back into the model (and optimizer)."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
-    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if optimizer is None:
+        set_model_state_dict(model, state["model"])
+    else:
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
 def load_model_state(model: nn.Module, state: dict) -> None:
-    """Load whole tensors (model_state's output, read by every process) into the model; under
+    """Load whole tensors (a checkpoint's weights, read by every process) into the model; under
     FSDP each process keeps its shard."""
     if not is_sharded(model):
         model.load_state_dict(state)
@@ -141,8 +143,8 @@ def load_model_state(model: nn.Module, state: dict) -> None:
 
 
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Restore `optimizer_state`'s output (each process takes its shard), or the state_dict of
-    an optimizer built by gpt.trainer.make_optimizer (older checkpoints: keyed by number)."""
+    """Restore a whole optimizer state_dict (each process takes its shard): as PyTorch writes it
+    (keyed by parameter number, as DDP runs save it) or keyed by parameter name."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     if state["state"] and isinstance(next(iter(state["state"])), int):

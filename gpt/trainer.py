@@ -26,6 +26,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -36,11 +37,12 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gpt.atomic import atomic_path
-from gpt.checkpoint import BEST, load_checkpoint, previous_checkpoints, rng_state, save_checkpoint, set_rng_state
+from gpt.checkpoint import (BEST, load_checkpoint, previous_checkpoints, read_shards, rng_state, save_checkpoint,
+                            set_rng_state, shard_dir, write_shards)
 from gpt.config import Config, OptimConfig, save_config
 from gpt.errors import UserError
-from gpt.parallel import (clip_grad_norm, gradient_sync, load_model_state, load_optimizer_state, model_state,
-                          optimizer_state, parallelize)
+from gpt.parallel import (clip_grad_norm, gradient_sync, is_sharded, load_model_state, load_optimizer_state,
+                          load_sharded_state, parallelize, sharded_state)
 from gpt.system import (all_reduce_sum, autocast, barrier, finish_processes, pick_device, pick_dtype, start_processes,
                         to_device)
 from gpt.tasks import TASKS
@@ -127,7 +129,7 @@ class Trainer:
         self._start_system(cfg, overwrite)
         self.task: Task = TASKS[cfg.run.task](cfg, self.procs)  # the data, read and checked
         checkpoint = self._build_model(cfg)
-        if checkpoint is not None:  # whole tensors, before FSDP shards them
+        if checkpoint is not None and "model" in checkpoint:  # whole tensors, before FSDP shards them
             self.model.load_state_dict(checkpoint["model"])
         self._wrap_model()
         self._build_optimizer()  # on the parameters that train (FSDP's shards)
@@ -158,7 +160,7 @@ class Trainer:
             raise UserError(f"run.out_dir {self.out_dir} cannot be written ({e.strerror}): choose another directory") from None
         if self.procs.is_main:
             for stale in self.out_dir.glob(".*.tmp-*"):  # from a run killed while writing
-                stale.unlink(missing_ok=True)
+                _remove(stale)
         previous = previous_checkpoints(self.out_dir)
         if previous and cfg.run.init_from != "resume" and not overwrite:
             raise UserError(f"run.out_dir {self.out_dir} holds another run ({', '.join(p.name for p in previous[:3])}"
@@ -171,6 +173,7 @@ class Trainer:
         model, start = self.task.build_model(self.device)
         self.model = model.to(self.device)  # the network: what is saved, loaded and measured
         self.cfg = dataclasses.replace(self.cfg, model=model.config)  # the resolved architecture
+        self.checkpoint_path = Path(start.source)
         if start.checkpoint is not None:  # config.toml keeps the run's original init_from
             run = dataclasses.replace(self.cfg.run, init_from=start.checkpoint["config"]["run"]["init_from"])
             self.cfg = dataclasses.replace(self.cfg, run=run)
@@ -186,9 +189,14 @@ class Trainer:
         torch.manual_seed(cfg.run.seed + self.procs.rank)  # dropout differs between processes
 
     def _restore(self, ckpt: dict) -> None:
-        """A resumed run (weights already loaded): optimiser, scaler, the task's data position, the
-        loop, the RNGs."""
-        load_optimizer_state(self.model, self.optimizer, ckpt["optimizer"])
+        """A resumed run: optimiser (and a sharded checkpoint's weights), scaler, the task's data
+        position, the loop, the RNGs."""
+        if "shards" in ckpt:  # each process reads what it holds, however many wrote them
+            state = sharded_state(self.model, self.optimizer)
+            read_shards(state, shard_dir(self.checkpoint_path, ckpt))
+            load_sharded_state(self.model, self.optimizer, state)
+        else:
+            load_optimizer_state(self.model, self.optimizer, ckpt["optimizer"])
         if ckpt["scaler"] and self.scaler.is_enabled():  # empty when written without fp16
             self.scaler.load_state_dict(ckpt["scaler"])
         self.task.load_state_dict(ckpt["sampler"])
@@ -233,7 +241,7 @@ class Trainer:
         checkpoints and metrics go together, so the directory never holds half of each."""
         previous = previous_checkpoints(self.out_dir)
         for path in previous:
-            path.unlink()
+            _remove(path)
         self.metrics.unlink(missing_ok=True)
         if previous:
             print(f"note: a new run in {self.out_dir}: the previous run's {len(previous)} checkpoint file(s) "
@@ -449,7 +457,12 @@ class Trainer:
             return
         barrier()  # best.pt is complete
         best = load_checkpoint(self.out_dir / BEST)
-        load_model_state(self.model, best["model"])
+        if "shards" in best:
+            state = sharded_state(self.model)
+            read_shards(state, shard_dir(self.out_dir / BEST, best))
+            load_sharded_state(self.model, None, state)
+        else:
+            load_model_state(self.model, best["model"])
         try:
             metrics, line = self.evaluate(self.task.final_splits)
         except _Stopped:
@@ -463,16 +476,18 @@ class Trainer:
         if self.procs.world_size > 1:
             rngs = [None] * self.procs.world_size
             torch.distributed.all_gather_object(rngs, rng_state())
-        model, optimizer = model_state(self.model), optimizer_state(self.model, self.optimizer)  # FSDP: gathered
+        if is_sharded(self.model):  # every process writes its shards; the file names their directory
+            weights = {"shards": write_shards(sharded_state(self.model, self.optimizer), self.out_dir, self.state.iter)}
+        else:
+            weights = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
         if not self.procs.is_main:
             return
         state = {
             "task": self.cfg.run.task,
-            "model": model,
+            **weights,
             "model_config": dataclasses.asdict(self.model.config),
             **self.task.checkpoint_info(),
             "config": self.cfg.to_dict(),
-            "optimizer": optimizer,
             "scaler": self.scaler.state_dict(),
             "sampler": self.task.state_dict(),
             "rng": rngs,
@@ -521,6 +536,14 @@ class Trainer:
         else:
             now = "finishing this step"
         print(f"\n{signal.Signals(signum).name}: {now}, then saving (Ctrl-C again to abort)", flush=True)
+
+
+def _remove(path: Path) -> None:
+    """A checkpoint file, or a directory of shards."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _engine(system, world_size: int) -> str:

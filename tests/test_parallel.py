@@ -1,14 +1,22 @@
 """gpt/parallel.py: FSDP equals DDP equals one process, activation checkpointing changes memory
 and not results, FSDP runs resume exactly and with another engine or number of processes."""
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 import torch
 
 import sample
 from gpt import GPT, GPTConfig
-from gpt.checkpoint import load_checkpoint
+from gpt.checkpoint import load_checkpoint, load_weights, network_from_checkpoint
 
-from test_train import args, run_cli, step_losses, weights
+from conftest import ROOT
+from test_train import args, run_cli, step_losses
 
 TWO = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
 FSDP = "--system.parallel=fsdp"
@@ -25,6 +33,14 @@ def train_cli(*argv, procs=1):
     run = run_cli(*(TWO if procs == 2 else ["train.py"]), *argv, env={"OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, f"exit {run.returncode}\n{run.stdout[-2000:]}\n{run.stderr[-6000:]}"
     return run
+
+
+def weights(out_dir):
+    """The latest checkpoint's weights, whole tensors, whether written whole or in shards."""
+    ckpt = load_checkpoint(out_dir / "ckpt.pt")
+    model = network_from_checkpoint(ckpt)
+    load_weights(model, ckpt, out_dir / "ckpt.pt")
+    return model.state_dict()
 
 
 def assert_same_run(a, b, atol):
@@ -52,6 +68,19 @@ def test_fsdp_equals_ddp_equals_one_process_with_accumulation_and_clipping(data_
 
 
 @pytest.mark.slow
+def test_fsdp_with_architecture_switches_and_activation_checkpointing_resumes_a_ddp_run(data_dir, tmp_path):
+    switches = ["--model.position=alibi", "--model.n_kv_head=1", "--model.norm=rmsnorm"]
+    train_cli(*args(data_dir, tmp_path / "one", "--max_iters=6", *STEPS, *switches))
+    run = train_cli(*args(data_dir, tmp_path / "fsdp", "--max_iters=6", *STEPS, *switches, FSDP,
+                          "--system.activation_checkpointing=blocks"), procs=2)
+    assert "(fsdp, activation checkpointing)" in run.stdout
+    assert_same_run(tmp_path / "one", tmp_path / "fsdp", atol=1e-5)
+    # a whole-tensor (one process) checkpoint continues under 2-process FSDP
+    train_cli(*args(data_dir, tmp_path / "one", "--max_iters=8", *STEPS, *switches, FSDP, "--resume"), procs=2)
+    assert load_checkpoint(tmp_path / "one" / "ckpt.pt")["shards"] == "ckpt-0000008.shards"
+
+
+@pytest.mark.slow
 def test_fsdp_resumes_exactly_and_on_one_process(data_dir, tmp_path, capsys):
     dropout = "--model.dropout=0.1"
     train_cli(*args(data_dir, tmp_path / "whole", "--max_iters=10", *STEPS, FSDP, dropout), procs=2)
@@ -66,6 +95,75 @@ def test_fsdp_resumes_exactly_and_on_one_process(data_dir, tmp_path, capsys):
     assert load_checkpoint(tmp_path / "parts" / "ckpt.pt")["iter"] == 12 and max(step_losses(tmp_path / "parts")) == 12
     sample.main([f"--out_dir={tmp_path / 'parts'}", "--prompt=ROMEO:", "--max_new_tokens=20", "--no-stream"])
     assert capsys.readouterr().out.startswith("ROMEO:")
+
+
+@pytest.mark.slow
+def test_sharded_checkpoints_rotate_and_consolidate_into_one_file(data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    train_cli(*args(data_dir, out, "--max_iters=12", *STEPS, FSDP, "--run.keep_last=1"), procs=2)
+    ckpt = load_checkpoint(out / "ckpt.pt")
+    assert "model" not in ckpt and "optimizer" not in ckpt and ckpt["shards"] == "ckpt-0000012.shards"
+    pieces = sorted(p.name for p in (out / "ckpt-0000012.shards").iterdir())
+    assert pieces == [".metadata", "__0_0.distcp", "__1_0.distcp"]  # one file per process
+    best = load_checkpoint(out / "best.pt")["shards"]
+    assert sorted(p.name for p in out.glob("*.shards")) == sorted({"ckpt-0000012.shards", best})  # rotated
+    assert not list(out.glob(".*tmp*"))
+    run = run_cli("-m", "gpt.checkpoint", "consolidate", str(out / "ckpt.pt"), f"--out={tmp_path / 'whole.pt'}")
+    assert run.returncode == 0, run.stderr
+    whole = load_checkpoint(tmp_path / "whole.pt")
+    assert whole["iter"] == 12 and "shards" not in whole and whole["optimizer"]["state"]
+    expected = weights(out)  # read from the shards
+    assert whole["model"].keys() == expected.keys()
+    assert all(torch.equal(whole["model"][k], v) for k, v in expected.items())
+    sample.main([f"--out_dir={tmp_path}", "--ckpt=whole.pt", "--prompt=ROMEO:", "--max_new_tokens=10", "--no-stream"])
+    assert capsys.readouterr().out.startswith("ROMEO:")
+    again = run_cli("-m", "gpt.checkpoint", "consolidate", str(tmp_path / "whole.pt"))
+    assert again.returncode == 2 and "holds whole tensors already" in again.stderr
+    # the consolidated file resumes like any checkpoint, here on one process
+    (tmp_path / "from_whole").mkdir()
+    (tmp_path / "whole.pt").rename(tmp_path / "from_whole" / "ckpt.pt")
+    train_cli(*args(data_dir, tmp_path / "from_whole", "--max_iters=14", *STEPS, "--resume"))
+    assert load_checkpoint(tmp_path / "from_whole" / "ckpt.pt")["iter"] == 14
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process started by pid, however deep (Linux /proc)."""
+    found = []
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        for child in map(int, children.read_text().split()):
+            found += [child, *descendants(child)]
+    return found
+
+
+@pytest.mark.slow
+def test_killing_every_process_while_shards_are_written_leaves_a_loadable_checkpoint(data_dir, tmp_path):
+    from gpt.checkpoint import load_model
+
+    out = tmp_path / "run"
+    run = args(data_dir, out, FSDP, "--eval.eval_interval=1", "--eval.eval_iters=1", "--model.n_embd=128",
+               "--model.n_layer=4")  # a checkpoint every step: a kill lands in or near a write
+
+    def saved_iter():
+        return load_checkpoint(out / "ckpt.pt")["iter"] if (out / "ckpt.pt").exists() else 0
+
+    for attempt, delay in enumerate((0.0, 0.3, 0.7)):
+        before = saved_iter()
+        proc = subprocess.Popen([sys.executable, *TWO, *run, "--max_iters=100000", *(["--resume"] if attempt else [])],
+                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        deadline = time.time() + 120
+        while saved_iter() <= before:
+            assert time.time() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        time.sleep(delay)
+        for pid in [proc.pid, *descendants(proc.pid)]:  # torchrun and both training processes at once
+            os.kill(pid, signal.SIGKILL)
+        proc.wait()
+        model, _, ckpt = load_model(out / "ckpt.pt")  # loads: its shards are complete
+        assert ckpt["iter"] > before
+    final = saved_iter()
+    train_cli(*run, f"--max_iters={final + 2}", "--resume", procs=2)
+    assert saved_iter() == final + 2
 
 
 def saved_bytes(model, idx):
@@ -107,8 +205,10 @@ def test_activation_checkpointing_in_training_gives_the_same_run(data_dir, tmp_p
 
 
 def test_fsdp_shards_every_block_in_place_and_keeps_the_names():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
     from gpt.config import SystemConfig
-    from gpt.parallel import is_sharded, model_state, parallelize
+    from gpt.parallel import is_sharded, parallelize, sharded_state
     from gpt.system import Processes
 
     config = GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32)
@@ -121,7 +221,8 @@ def test_fsdp_shards_every_block_in_place_and_keeps_the_names():
         assert out is model and is_sharded(model) and all(is_sharded(block) for block in model.transformer.h)
         assert all(type(p).__name__ == "DTensor" for p in model.parameters())
         assert [n for n, _ in model.named_parameters()] == [n for n, _ in reference.named_parameters()]
-        whole = model_state(model)
+        assert all(type(t).__name__ == "DTensor" for t in sharded_state(model)["model"].values())
+        whole = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
         assert whole.keys() == reference.state_dict().keys()
         assert all(torch.equal(whole[k], v) for k, v in reference.state_dict().items())
         idx = torch.randint(0, 50, (2, 16))
