@@ -4,9 +4,9 @@
     model, tokenizer, ckpt = load_model("out/sms_spam/best.pt", task="classify")  # a classifier
 
 A checkpoint is one torch.save'd dict of tensors and plain Python values (no
-pickled classes), so it loads with torch.load(..., weights_only=True). Format 1:
+pickled classes), so it loads with torch.load(..., weights_only=True).
 
-    format_version     1 (a newer number is refused with a clear error)
+    format_version     1, or 2 for a sharded checkpoint (a newer number is refused with a clear error)
     task               "lm" or "classify": which network `model` holds
     model              the network's state_dict (without torch.compile's _orig_mod.)
     model_config       the GPTConfig, as a dict
@@ -54,7 +54,7 @@ from gpt.hf import from_pretrained
 from gpt.system import barrier
 from gpt.tokenizer import Tokenizer, from_spec, get_tokenizer
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this code writes and reads: 2 = sharded (FSDP), 1 = whole tensors
 LATEST, BEST = "ckpt.pt", "best.pt"
 
 
@@ -100,7 +100,7 @@ def save_checkpoint(state: dict, out_dir: str | Path, *, keep_last: int, is_best
     path = out_dir / f"ckpt-{state['iter']:07d}.pt"
     try:
         with atomic_path(path) as tmp:
-            torch.save({"format_version": FORMAT_VERSION, **state}, tmp)
+            torch.save({"format_version": 2 if "shards" in state else 1, **state}, tmp)
     except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as a RuntimeError
         if isinstance(e, RuntimeError) and "writ" not in str(e).lower():
             raise  # not a failed write: a bug
@@ -189,7 +189,7 @@ def load_checkpoint(path: str | Path) -> dict:
     except Exception as e:  # truncated, not a checkpoint, or holding objects we refuse to unpickle
         raise UserError(f"cannot load checkpoint {path} ({type(e).__name__}): the file is damaged or not ours") from None
     version = ckpt.get("format_version") if isinstance(ckpt, dict) else None
-    if version != FORMAT_VERSION:
+    if version not in (1, FORMAT_VERSION):
         if isinstance(version, int) and version > FORMAT_VERSION:
             raise UserError(f"{path} has checkpoint format {version}, newer than this code's {FORMAT_VERSION}: "
                             f"upgrade gpt to read it")
@@ -302,7 +302,7 @@ def consolidate(path: str | Path, out: str | Path | None = None) -> Path:
     with atomic_path(out) as tmp:
         dcp_to_torch_save(shard_dir(path, ckpt), tmp)
         whole = torch.load(tmp, map_location="cpu", weights_only=True)
-        rest = {k: v for k, v in ckpt.items() if k != "shards"}
+        rest = {k: v for k, v in ckpt.items() if k != "shards"} | {"format_version": 1}
         torch.save({**rest, "model": whole["model"], "optimizer": whole["optimizer"]}, tmp)
     return out
 

@@ -332,7 +332,7 @@ API = [
     ("GPTConfig", lambda tmp, mp: __import__("gpt").GPTConfig(n_embd=32, n_head=5), "must be divisible by n_head"),
     ("generate", lambda tmp, mp: _api_generate(), "top_p must be in (0, 1]"),
     ("from_pretrained", lambda tmp, mp: __import__("gpt.hf").hf.from_pretrained("gpt-17"), "unknown model 'gpt-17'"),
-    ("newer checkpoint", lambda tmp, mp: _api_newer_checkpoint(tmp), "newer than this code's 1: upgrade"),
+    ("newer checkpoint", lambda tmp, mp: _api_newer_checkpoint(tmp), "newer than this code's 2: upgrade"),
     ("foreign checkpoint", lambda tmp, mp: _api_foreign_checkpoint(tmp), "is not a checkpoint of ours"),
     ("TokenDataset", lambda tmp, mp: __import__("gpt.dataset").dataset.TokenDataset(tmp), "has no meta.json"),
     ("tokenizer", lambda tmp, mp: __import__("gpt.tokenizer").tokenizer.get_tokenizer("foo"), "unknown tokenizer 'foo'"),

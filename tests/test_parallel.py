@@ -103,6 +103,7 @@ def test_sharded_checkpoints_rotate_and_consolidate_into_one_file(data_dir, tmp_
     train_cli(*args(data_dir, out, "--max_iters=12", *STEPS, FSDP, "--run.keep_last=1"), procs=2)
     ckpt = load_checkpoint(out / "ckpt.pt")
     assert "model" not in ckpt and "optimizer" not in ckpt and ckpt["shards"] == "ckpt-0000012.shards"
+    assert ckpt["format_version"] == 2  # code that only knows whole-tensor checkpoints refuses it clearly
     pieces = sorted(p.name for p in (out / "ckpt-0000012.shards").iterdir())
     assert pieces == [".metadata", "__0_0.distcp", "__1_0.distcp"]  # one file per process
     best = load_checkpoint(out / "best.pt")["shards"]
@@ -111,7 +112,7 @@ def test_sharded_checkpoints_rotate_and_consolidate_into_one_file(data_dir, tmp_
     run = run_cli("-m", "gpt.checkpoint", "consolidate", str(out / "ckpt.pt"), f"--out={tmp_path / 'whole.pt'}")
     assert run.returncode == 0, run.stderr
     whole = load_checkpoint(tmp_path / "whole.pt")
-    assert whole["iter"] == 12 and "shards" not in whole and whole["optimizer"]["state"]
+    assert whole["iter"] == 12 and "shards" not in whole and whole["optimizer"]["state"] and whole["format_version"] == 1
     expected = weights(out)  # read from the shards
     assert whole["model"].keys() == expected.keys()
     assert all(torch.equal(whole["model"][k], v) for k, v in expected.items())
