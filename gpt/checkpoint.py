@@ -41,6 +41,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -161,7 +162,9 @@ def read_shards(state: dict, directory: str | Path) -> None:
     shards under FSDP) in place from a shard directory; works on any number of processes."""
     import torch.distributed.checkpoint as dcp
 
-    dcp.load(state, checkpoint_id=directory)
+    with warnings.catch_warnings():  # one process without a process group is a use we intend
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=directory)
 
 
 def load_weights(model: nn.Module, ckpt: dict, path: str | Path) -> None:

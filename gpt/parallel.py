@@ -37,6 +37,7 @@ other engine and on another number of processes.
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -78,6 +79,9 @@ def parallelize(model: nn.Module, procs: Processes, device: torch.device, system
         if not dist.is_initialized():  # one process, not under torchrun: a group of one
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
                                     world_size=1)
+        # GPT.forward returns the logits as a view (vocabulary padding cut off); nothing modifies them
+        # in place, which is what FSDP's warning about views is for
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
         mesh = init_device_mesh(device.type, (procs.world_size,))
         policy = MixedPrecisionPolicy(param_dtype=dtype if dtype != torch.float32 else None, reduce_dtype=torch.float32)
         for block in backbone.transformer.h:

@@ -21,7 +21,6 @@ losses and weights are bit-identical to an uninterrupted run's.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -191,10 +190,8 @@ class Trainer:
     def _restore(self, ckpt: dict) -> None:
         """A resumed run: optimiser (and a sharded checkpoint's weights), scaler, the task's data
         position, the loop, the RNGs."""
-        if "shards" in ckpt:  # each process reads what it holds, however many wrote them
-            state = sharded_state(self.model, self.optimizer)
-            read_shards(state, shard_dir(self.checkpoint_path, ckpt))
-            load_sharded_state(self.model, self.optimizer, state)
+        if "shards" in ckpt:
+            self._read_shards(ckpt, self.checkpoint_path, self.optimizer)
         else:
             load_optimizer_state(self.model, self.optimizer, ckpt["optimizer"])
         if ckpt["scaler"] and self.scaler.is_enabled():  # empty when written without fp16
@@ -208,6 +205,13 @@ class Trainer:
         elif self.procs.is_main:
             print(f"note: the checkpoint was written by {len(rngs)} process(es), this run has "
                   f"{self.procs.world_size}: random generators start afresh (data order is unchanged)")
+
+    def _read_shards(self, ckpt: dict, path: Path, optimizer=None) -> None:
+        """A sharded checkpoint's weights (and optimizer state) into what this process holds,
+        however many processes wrote them."""
+        state = sharded_state(self.model, optimizer)
+        read_shards(state, shard_dir(path, ckpt))
+        load_sharded_state(self.model, optimizer, state)
 
     def _wrap_model(self) -> None:
         """The models that run (gpt/parallel.py): for training steps, wrapped for DDP or sharded by
@@ -458,9 +462,7 @@ class Trainer:
         barrier()  # best.pt is complete
         best = load_checkpoint(self.out_dir / BEST)
         if "shards" in best:
-            state = sharded_state(self.model)
-            read_shards(state, shard_dir(self.out_dir / BEST, best))
-            load_sharded_state(self.model, None, state)
+            self._read_shards(best, self.out_dir / BEST)
         else:
             load_model_state(self.model, best["model"])
         try:
