@@ -130,16 +130,16 @@ def main(argv: list[str] | None = None) -> None:
                         break
                 print(SEPARATOR if i < args.num_samples - 1 else "", flush=True)
         else:  # all samples in one batch: one prefill, rows repeated
-            if args.max_new_tokens > LONG and not sys.stderr.isatty():
-                print(f"note: generating up to {args.max_new_tokens:,} tokens per sample without --stream: nothing "
-                      f"is printed until the end (--stream shows the text as it comes)", file=sys.stderr)
             if sampling.num_beams > 1:  # the best beam, known at the end
                 rows = [generate(model, idx, args.max_new_tokens, sampling, **settings)[0, idx.size(1):].tolist()]
             else:
                 rows = [[] for _ in range(args.num_samples)]
                 steps = stream(model, idx, args.max_new_tokens, sampling, num_samples=args.num_samples, **settings)
-                for step in tqdm(steps, total=args.max_new_tokens, unit="tok", leave=False, disable=None,
-                                 file=sys.stderr):
+                for i, step in enumerate(tqdm(steps, total=args.max_new_tokens, unit="tok", leave=False, disable=None,
+                                              file=sys.stderr)):
+                    if i == 0 and args.max_new_tokens > LONG and not sys.stderr.isatty():  # once it has started
+                        print(f"note: generating up to {args.max_new_tokens:,} tokens per sample without --stream: "
+                              f"nothing is printed until the end (--stream shows the text as it comes)", file=sys.stderr)
                     for row, token in zip(rows, step.tolist()):
                         row.append(token)
                     if all(text_so_far(tok, row, args.stop)[1] for row in rows):

@@ -21,6 +21,8 @@ pickled classes), so it loads with torch.load(..., weights_only=True).
     labels, classify   task "classify" only: the label names in head order, the [classify] settings
     shards             instead of model and optimizer, under FSDP: the name of the directory
                        beside the file that holds them, written by every process (below)
+    micro_batches_per_step   batch.batch_size micro-batches per optimiser step, over all
+                       processes: a run resumed on another number of processes keeps it
 
 In out_dir: ckpt-0001000.pt for each save (the last `keep_last` are kept),
 ckpt.pt the latest and best.pt the best by the task's metric (both hard links,
@@ -31,9 +33,14 @@ its pieces of the weights and optimizer state with torch.distributed.checkpoint
 into ckpt-0001000.shards/ (no process ever holds the whole model); the directory
 is written under a temporary name and renamed once every process has finished,
 and only then is ckpt-0001000.pt written, so a kill at any moment leaves the
-previous checkpoint whole. They load on any number of processes (the pieces are
-re-cut), in one process (load_model reads the weights from the shards), and
-`python -m gpt.checkpoint consolidate out/run/ckpt.pt` turns one into a single file.
+previous checkpoint whole. A directory that a checkpoint file names is never
+replaced: a second save of the same iteration (a resumed run that evaluates where
+the last one stopped) writes ckpt-0001000.2.shards, and a directory goes only
+once no checkpoint file names it. Readers check a shard directory against its
+index before reading (files present, sizes as recorded). They load on any number
+of processes (the pieces are re-cut), in one process (load_model reads the
+weights from the shards), and `python -m gpt.checkpoint consolidate out/run/ckpt.pt`
+turns one into a single file.
 """
 
 from __future__ import annotations
@@ -48,10 +55,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from gpt.atomic import atomic_path
+from gpt.atomic import atomic_path, check_writable
 from gpt.errors import ArgumentParser, UserError, describe_os_error, exit_on_user_error, free_space
 from gpt.model import GPT, GPTClassifier, GPTConfig
-from gpt.hf import from_pretrained
+from gpt.hf import TOKENIZER_FILE, load_pretrained
 from gpt.system import barrier
 from gpt.tokenizer import Tokenizer, from_spec, get_tokenizer
 
@@ -116,14 +123,18 @@ def save_checkpoint(state: dict, out_dir: str | Path, *, keep_last: int, is_best
     for old in sorted(out_dir.glob("ckpt-*.pt"))[:-keep_last]:
         old.unlink()
     shard_dirs = list(out_dir.glob("ckpt-*.shards"))
-    if shard_dirs:  # those of the removed files go, unless best.pt still needs them
-        needed = {p.stem + ".shards" for p in out_dir.glob("ckpt-*.pt")}
-        if (out_dir / BEST).is_file():
-            needed.add(torch.load(out_dir / BEST, map_location="cpu", weights_only=True).get("shards"))
+    if shard_dirs:  # those no checkpoint file names go: rotated, replaced by a re-save, or orphaned by a kill
+        needed = {_shards_named_by(p) for p in [*out_dir.glob("ckpt*.pt"), out_dir / BEST] if p.is_file()}
         for old in shard_dirs:
             if old.name not in needed:
                 shutil.rmtree(old)
     return path
+
+
+def _shards_named_by(path: Path) -> str | None:
+    """The shard directory a checkpoint file names (None for whole tensors), without reading
+    its tensors (memory-mapped)."""
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("shards")
 
 
 def write_shards(state: dict, out_dir: str | Path, iteration: int) -> str:
@@ -133,28 +144,82 @@ def write_shards(state: dict, out_dir: str | Path, iteration: int) -> str:
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 
-    out_dir, name = Path(out_dir), f"ckpt-{iteration:07d}.shards"
-    final, tmp = out_dir / name, out_dir / f".{name}.tmp-all"
+    out_dir = Path(out_dir)
     main = not dist.is_initialized() or dist.get_rank() == 0
+    name = [_new_shard_name(out_dir, iteration) if main else None]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(name, src=0)  # every process writes under the name rank 0 chose
+    final, tmp = out_dir / name[0], out_dir / f".{name[0]}.tmp-all"
     if main:
         shutil.rmtree(tmp, ignore_errors=True)
     barrier()
     dcp.save(state, checkpoint_id=tmp)  # each process its own file, fsynced; rank 0 adds the index
     barrier()
     if main:
-        shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     barrier()
+    return name[0]
+
+
+def _new_shard_name(out_dir: Path, iteration: int) -> str:
+    """ckpt-ITER.shards, or for a re-save of the same iteration (a resumed run that evaluates
+    where the last one stopped) ckpt-ITER.2.shards, ...: a directory that a checkpoint file may
+    still name is never replaced; save_checkpoint removes it once no file names it."""
+    name, n = f"ckpt-{iteration:07d}.shards", 1
+    while (out_dir / name).exists():
+        n += 1
+        name = f"ckpt-{iteration:07d}.{n}.shards"
     return name
 
 
 def shard_dir(path: str | Path, ckpt: dict) -> Path:
-    """The directory of a sharded checkpoint's weights (beside the file)."""
-    directory = Path(path).parent / ckpt["shards"]
-    if not (directory / ".metadata").is_file():
-        raise UserError(f"{path} keeps its weights in {directory}, which is missing or incomplete: copy the run "
-                        f"directory whole, or use another checkpoint")
+    """The directory of a sharded checkpoint's weights (beside the file), checked before anything
+    reads it: a damaged one is refused naming an intact checkpoint of the run to use instead."""
+    path = Path(path)
+    directory = path.parent / ckpt["shards"]
+    problem = shard_problem(directory)
+    if problem:
+        other = _intact_checkpoint(path)
+        hint = (f"use {other.name} instead (to resume from it, copy it to {LATEST})" if other else
+                "no other checkpoint of the run is intact: copy the run directory whole again, or train again")
+        raise UserError(f"{path} is damaged: its shard directory {directory.name} {problem}: {hint}")
     return directory
+
+
+def shard_problem(directory: Path) -> str | None:
+    """What is wrong with a shard directory, or None: its index (.metadata) must read, and every
+    file the index lists must be there, at least as long as the pieces it records in it."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    if not (directory / ".metadata").is_file():
+        return "is missing" if not directory.is_dir() else "has no index (.metadata)"
+    try:
+        needed: dict[str, int] = {}
+        for piece in FileSystemReader(str(directory)).read_metadata().storage_data.values():
+            needed[piece.relative_path] = max(needed.get(piece.relative_path, 0), piece.offset + piece.length)
+    except Exception:  # truncated or not an index: unreadable
+        return "has a damaged index (.metadata)"
+    for name, size in sorted(needed.items()):
+        file = directory / name
+        if not file.is_file():
+            return f"lacks {name}"
+        if file.stat().st_size < size:
+            return f"holds a truncated {name} ({file.stat().st_size:,} of {size:,} bytes)"
+    return None
+
+
+def _intact_checkpoint(damaged: Path) -> Path | None:
+    """The newest other checkpoint file beside `damaged` whose weights are whole (None if none)."""
+    for other in [*sorted(damaged.parent.glob("ckpt-*.pt"), reverse=True), damaged.parent / BEST]:
+        if not other.is_file() or other.samefile(damaged):
+            continue
+        try:
+            shards = _shards_named_by(other)
+        except Exception:  # a damaged file: not a candidate
+            continue
+        if shards is None or shard_problem(damaged.parent / shards) is None:
+            return other
+    return None
 
 
 def read_shards(state: dict, directory: str | Path) -> None:
@@ -261,22 +326,43 @@ def network_from_checkpoint(ckpt: dict) -> nn.Module:
 
 def add_model_options(parser, ckpt_default: str, out_dir_default: str | None = None) -> None:
     """The command-line options that name a language model: ours (--out_dir, --ckpt) or a
-    Hugging Face GPT-2 (--init_from). Read them back with load_language_model."""
-    parser.add_argument("--out_dir", default=out_dir_default, help="a language-model run's directory"
+    Hugging Face GPT-2 (--init_from). Read them back with load_language_model.
+
+    --out_dir and --ckpt stay None unless given (their defaults are kept in args.model_defaults
+    and applied by load_language_model), so that one given beside --init_from is refused."""
+    parser.add_argument("--out_dir", help="a language-model run's directory"
                         + (f" (default: {out_dir_default})" if out_dir_default else ""))
-    parser.add_argument("--ckpt", default=ckpt_default, help=f"checkpoint in out_dir, or a path (default: {ckpt_default})")
+    parser.add_argument("--ckpt", help=f"checkpoint in out_dir, or a path (default: {ckpt_default})")
     parser.add_argument("--init_from", help="a Hugging Face GPT-2 instead of --out_dir: gpt2, gpt2-medium, ... or a "
-                        "directory (a hub id needs the network)")
+                        "directory (a hub id needs the network; one exported by gpt.hf.save_pretrained with its "
+                        "tokenizer is read with that tokenizer)")
+    parser.set_defaults(model_defaults={"out_dir": out_dir_default, "ckpt": ckpt_default})
 
 
 def load_language_model(args, device=None) -> tuple[GPT, Tokenizer, str | None]:
     """The model named by add_model_options' arguments: (model in eval mode, its tokenizer, the
-    data directory of its run, None for a Hugging Face model)."""
+    data directory of its run, None for a Hugging Face model). A Hugging Face directory's tokenizer
+    is the one gpt.hf.save_pretrained recorded there, else GPT-2's; a model whose vocabulary is not
+    that tokenizer's is refused (its ids would be read as other tokens)."""
     if args.init_from:
-        return from_pretrained(args.init_from).to(device).eval(), get_tokenizer("gpt2"), None
-    if not args.out_dir:
+        given = [f"--{name}" for name in ("out_dir", "ckpt") if getattr(args, name) is not None]
+        if given:
+            raise UserError(f"--init_from and {' and '.join(given)} both name the model: give --init_from for a "
+                            f"Hugging Face model, or {' and '.join(given)} for a run of ours, not both")
+        model, spec = load_pretrained(args.init_from)
+        tokenizer = get_tokenizer("gpt2") if spec is None else from_spec(spec)
+        if tokenizer.vocab_size != model.config.vocab_size:
+            which = (f"GPT-2's tokenizer (no {TOKENIZER_FILE} names another)" if spec is None
+                     else f"the tokenizer in its {TOKENIZER_FILE}")
+            raise UserError(f"{args.init_from} holds a model of {model.config.vocab_size:,} token ids, but {which} has "
+                            f"{tokenizer.vocab_size:,}: read a model of ours from its run directory (--out_dir), or "
+                            f"export it with gpt.hf.save_pretrained(model, dir, tokenizer)")
+        return model.to(device).eval(), tokenizer, None
+    out_dir = args.model_defaults["out_dir"] if args.out_dir is None else args.out_dir
+    if not out_dir:
         raise UserError("name the model: --out_dir=DIR (a run of ours) or --init_from=gpt2 (a Hugging Face GPT-2)")
-    model, tokenizer, ckpt = load_model(checkpoint_path(args.out_dir, args.ckpt), task="lm", device=device)
+    ckpt_name = args.model_defaults["ckpt"] if args.ckpt is None else args.ckpt
+    model, tokenizer, ckpt = load_model(checkpoint_path(out_dir, ckpt_name), task="lm", device=device)
     return model, tokenizer, ckpt["config"]["data"]["dir"]
 
 
@@ -302,6 +388,7 @@ def consolidate(path: str | Path, out: str | Path | None = None) -> Path:
     if "shards" not in ckpt:
         raise UserError(f"{path} holds whole tensors already: every command reads it as it is")
     out = Path(out) if out else path.parent / f"consolidated-{ckpt['iter']:07d}.pt"
+    check_writable(out, "--out")  # before the conversion, not after it
     with atomic_path(out) as tmp:
         dcp_to_torch_save(shard_dir(path, ckpt), tmp)
         whole = torch.load(tmp, map_location="cpu", weights_only=True)

@@ -162,11 +162,16 @@ class WindowSampler:
 
 
 def eval_indices(num_windows: int, batch_size: int, n_batches: int, *, rank: int = 0, world_size: int = 1) -> list[np.ndarray]:
-    """A fixed set of evaluation batches spread evenly over a split; each rank gets its share.
+    """Rank `rank`'s share of a fixed set of evaluation windows: batch_size x n_batches windows
+    spread evenly over a split, the same set whatever the number of processes (so evaluations
+    compare, and a run resumed on another number of processes is measured on the same windows).
 
-    The same arguments always give the same windows, so evaluations are comparable.
+    The set is dealt out window by window; every rank gets the same number of batches (the
+    processes of a sharded model run each forward together), so a rank's last batch may be
+    short, or empty when it has nothing left: run a stand-in then, and do not count it.
     """
-    total = batch_size * n_batches * world_size
+    total = batch_size * n_batches
     spread = np.linspace(0, num_windows - 1, total).round().astype(np.int64)
     mine = spread[rank::world_size]
-    return [mine[i * batch_size : (i + 1) * batch_size] for i in range(n_batches)]
+    largest_share = -(-total // world_size)
+    return [mine[i * batch_size : (i + 1) * batch_size] for i in range(-(-largest_share // batch_size))]

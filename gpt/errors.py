@@ -6,7 +6,9 @@ Command-line scripts wrap their main function in `exit_on_user_error`, which
 prints that line to stderr and exits with status 2 instead of a traceback.
 The same wrapper turns the faults of the user's files and machine into one line
 and status 2 as well: a file that is missing, a directory, unreadable or not
-UTF-8; a disk that is full or read-only. Ctrl-C exits with status 130, quietly.
+UTF-8; a disk that is full or read-only. Under torchrun every process exits with
+status 2 and only the first (rank 0) prints the line. Ctrl-C exits with status
+130, quietly.
 Anything else that goes wrong is a bug and keeps its traceback.
 """
 
@@ -97,7 +99,8 @@ def exit_on_user_error(main: F) -> F:
         except KeyboardInterrupt:
             print(file=sys.stderr)
             sys.exit(130)
-        print(f"error: {message}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every process exits 2, one of them says why
+            print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
 
     return wrapper  # type: ignore[return-value]

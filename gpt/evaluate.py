@@ -23,6 +23,10 @@ much context helps. How long a context may be is the model's to say
 (GPT.max_context()): learned position embeddings stop at block_size; the other
 position schemes read any length, which is how --context=256,512,1024 on a model
 trained at 128 measures length extrapolation.
+
+Every setting is checked before anything is evaluated: the stride against every
+context, the outputs, and the memory a batch of the longest windows will take
+(estimated from what gpt/model.py allocates; see forward_bytes).
 """
 
 from __future__ import annotations
@@ -38,12 +42,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from gpt.atomic import atomic_path, check_writable
+from gpt.atomic import atomic_path, check_outputs
 from gpt.checkpoint import add_model_options, load_language_model
 from gpt.dataset import TokenDataset
 from gpt.errors import ArgumentParser, UserError, exit_on_user_error
-from gpt.model import GPT
-from gpt.system import Processes, all_reduce_sum, autocast, finish_processes, pick_device, pick_dtype, start_processes
+from gpt.model import GPT, GPTConfig
+from gpt.system import (Processes, all_reduce_sum, autocast, check_memory, finish_processes, pick_device, pick_dtype,
+                        start_processes)
 from gpt.tokenizer import Tokenizer, from_spec
 
 
@@ -78,16 +83,26 @@ class Result:
         return figures
 
 
-def windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
+def check_windows(name: str, n_tokens: int, context: int, stride: int) -> None:
+    """Refuse a stride that would skip tokens, and a stream of n_tokens too short for one window
+    of the training layout (stride = context + 1: whole windows of context + 1 tokens only)."""
+    if not 1 <= stride <= context + 1:
+        raise UserError(f"--stride={stride} must be between 1 and context + 1 = {context + 1} for --context={context} "
+                        f"(a larger one would skip tokens)")
+    if stride > context and n_tokens < context + 1:
+        raise UserError(f"{name} has {n_tokens} tokens: too few for one window of the training layout "
+                        f"(context + 1 = {context + 1} tokens); use a smaller --stride or more text")
+
+
+def windows(n_tokens: int, context: int, stride: int, name: str = "the token stream") -> list[tuple[int, int, int]]:
     """(start, length, first scored position) of each window over a stream of n_tokens.
 
     A window reads tokens[start : start + length] and predicts tokens[start + 1 : start + length + 1];
     positions before `first` were scored by an earlier window (sliding) and are skipped. With
     stride = context + 1 (the training layout) only whole windows count, as in training.
+    A stride or stream that check_windows refuses raises its UserError (name: the stream's).
     """
-    if not 1 <= stride <= context + 1:
-        raise UserError(f"--stride={stride} must be between 1 and context + 1 = {context + 1} "
-                        f"(a larger one would skip tokens)")
+    check_windows(name, n_tokens, context, stride)
     found, start, scored_to = [], 0, 0  # scored_to: the highest target index scored so far
     while scored_to < n_tokens - 1 and start < n_tokens - 1:
         length = min(context, n_tokens - 1 - start)
@@ -111,10 +126,7 @@ def evaluate_tokens(model: GPT, tokens: np.ndarray, name: str, context: int, str
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # nats, tokens, bytes
     position = torch.zeros(2, context, dtype=torch.float64, device=device)  # loss sums, counts
     byte_lengths_t = torch.as_tensor(byte_lengths, device=device)
-    found = windows(len(tokens), context, stride)
-    if not found:
-        raise UserError(f"{name} has {len(tokens)} tokens: too few for one window of the training layout "
-                        f"(context + 1 = {context + 1} tokens); use a smaller --stride or more text")
+    found = windows(len(tokens), context, stride, name)
     batches = _batches(found, batch_size)
     mine = batches[procs.rank :: procs.world_size]
     model.eval()
@@ -169,7 +181,8 @@ def token_sets(args, tok: Tokenizer, run_data: str | None) -> list[tuple[str, np
     data = args.data or run_data
     if data is None:
         raise UserError("nothing to evaluate: give --data=DIR (a prepared directory) or --text FILE...")
-    split = TokenDataset(data, args.split)
+    split_name = args.split or "val"
+    split = TokenDataset(data, split_name)
     theirs = from_spec(split.meta["tokenizer"])
     if theirs.spec() != tok.spec():
         raise UserError(f"{data} holds {theirs.name} tokens ({theirs.vocab_size} ids), but the model reads {tok.name} "
@@ -177,7 +190,7 @@ def token_sets(args, tok: Tokenizer, run_data: str | None) -> list[tuple[str, np
     if len(split) < 2:
         raise UserError(f"{split.path} holds {len(split)} token(s): nothing to evaluate")
     split.check(1, tok.vocab_size)  # token ids the model has no embedding for: a damaged file
-    return [(f"{args.split} ({data})", split.tokens)]
+    return [(f"{split_name} ({data})", split.tokens)]
 
 
 def print_table(results: list[Result]) -> None:
@@ -187,6 +200,57 @@ def print_table(results: list[Result]) -> None:
     for r in results:
         print(f"{r.name:<{width}}  {r.context:>7}  {r.stride:>6}  {r.tokens:>11,}  {r.bytes:>11,}  "
               f"{r.loss:>7.4f}  {r.perplexity:>8.2f}  {r.bits_per_byte:>9.4f}")
+
+
+# ---- memory -------------------------------------------------------------------------------------------
+
+
+def forward_bytes(config: GPTConfig, batch: int, T: int, dtype: torch.dtype = torch.float32, *,
+                  explicit: bool = False) -> int:
+    """About the most memory, beyond the weights, that a forward pass without gradients
+    (GPT.hidden_states) of `batch` sequences of T tokens holds at once, counted from what
+    gpt/model.py allocates (dtype: the autocast dtype, float32 without autocast):
+
+    - the attention mask, where plain causal attention has none (an attention window, ALiBi):
+      GPT.attention_mask builds the (T, T) key distances (int64) and boolean masks, with ALiBi
+      two (n_head, T, T) float32 biases, and keeps one; the fused kernel makes up to two copies
+      of it in `dtype` per layer (a boolean mask as numbers, padded to an aligned length);
+    - one block's activations: the residual stream, q, k, v, the MLP's 4 x n_embd: ~12 x B x T x C;
+    - explicit=True (GPT.attention_probabilities, the explicit path of gpt.inspect): each layer's
+      (B, n_head, T, T) float32 scores and probabilities, and those of every layer kept, then
+      stacked: 8 x n_layer x B x n_head x T x T bytes at the end, plus the causal (T, T) mask.
+    """
+    square, elem = T * T, dtype.itemsize
+    alibi = config.position == "alibi"
+    if config.attention_window or alibi:
+        heads = config.n_head if alibi else 1
+        built = 10 * square + (8 * heads * square if alibi else 0)  # distances, boolean masks, ALiBi biases
+        kept = (4 * heads if alibi else 1) * square
+        mask = max(built, kept + (0 if explicit else 2 * elem * heads * square))
+    else:
+        mask = 2 * square if explicit else 0  # the explicit path builds the causal mask; SDPA needs none
+    activations = 12 * batch * T * config.n_embd * 4
+    probabilities = 8 * config.n_layer * batch * config.n_head * square if explicit else 0
+    return mask + activations + probabilities
+
+
+def check_plan(model: GPT, sets: list[tuple[str, np.ndarray]], contexts: list[int], stride: int | None, batch_size: int,
+               device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse, before anything is evaluated, what evaluate_tokens would refuse for any set and
+    context (check_windows), and a batch of windows that does not fit in memory: the forward pass
+    (forward_bytes) and the loss over the vocabulary (the logits, a float32 copy of them, and their
+    log-probabilities)."""
+    config = model.config
+    for name, tokens in sets:
+        for c in contexts:
+            s = c if stride is None else stride
+            check_windows(name, len(tokens), c, s)
+            T = min(c, len(tokens) - 1)  # windows never reach past the end of the stream
+            batch = min(batch_size, -(-(len(tokens) - 1) // s))  # no more than the windows there are
+            logits = batch * T * (dtype.itemsize * config.padded_vocab_size + 8 * config.vocab_size)
+            check_memory(forward_bytes(config, batch, T, dtype) + logits, device,
+                         f"evaluating {name} at --context={c} (batches of {batch} x {T:,} tokens)",
+                         "use a smaller --context or --batch_size")
 
 
 # ---- command line -------------------------------------------------------------------------------------
@@ -212,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
     p = ArgumentParser(prog="python -m gpt.evaluate", description=__doc__.split("\n\n")[0])
     add_model_options(p, ckpt_default="best.pt")
     p.add_argument("--data", help="a prepared data directory (default: the run's own)")
-    p.add_argument("--split", default="val", choices=["train", "val"], help="which split of --data (default: val)")
+    p.add_argument("--split", choices=["train", "val"], help="which split of --data (default: val)")
     p.add_argument("--text", nargs="+", metavar="FILE", help="raw UTF-8 text files instead, each its own set")
     p.add_argument("--context", help="context lengths, comma-separated (default: the model's block_size)")
     p.add_argument("--stride", type=int, help="tokens between windows (default: = context, no overlap)")
@@ -225,17 +289,20 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.batch_size < 1:
         raise UserError(f"--batch_size must be at least 1, got {args.batch_size}")
-    plot_path = None if args.plot is None else Path(args.plot or Path(args.out_dir or ".") / "evaluation.png")
-    for path, option in ((args.json, "--json"), (plot_path, "--plot")):
-        if path:
-            check_writable(path, option)  # before the work, not after
+    ignored = [option for option, value in (("--data", args.data), ("--split", args.split)) if value]
+    if args.text and ignored:
+        raise UserError(f"--text evaluates the files given, so {' and '.join(ignored)} would be ignored: give "
+                        f"--text, or {' and '.join(ignored)}, not both")
 
     device = pick_device(args.device)
     procs = start_processes(device)
     dtype = pick_dtype(args.dtype, device)
     model, tok, run_data = load_language_model(args, device)
+    plot_path = None if args.plot is None else Path(args.plot or Path(args.out_dir or ".") / "evaluation.png")
+    check_outputs([(option, path) for option, path in (("--json", args.json), ("--plot", plot_path)) if path])
     contexts = _contexts(args.context, model.max_context(), model.config.block_size)
     sets = token_sets(args, tok, run_data)
+    check_plan(model, sets, contexts, args.stride, args.batch_size, device, dtype)
     byte_lengths = tok.byte_lengths()
     results = [evaluate_tokens(model, tokens, name, c, c if args.stride is None else args.stride, byte_lengths=byte_lengths,
                                batch_size=args.batch_size, device=device, dtype=dtype, procs=procs)

@@ -4,6 +4,8 @@
     model = from_pretrained("gpt2")              # hub id: needs the network
     model = from_pretrained("path/to/dir")       # config.json + model.safetensors or pytorch_model.bin
     save_pretrained(model, "out/hf")             # transformers.GPT2LMHeadModel.from_pretrained loads it
+    save_pretrained(model, "out/hf", tokenizer)  # ... and records our tokenizer's spec beside the weights
+    model, spec = load_pretrained("out/hf")      # the model and that spec (None: none recorded)
 
 These are functions here, not methods of GPT, so that gpt/model.py stays the
 network alone (it imports nothing of this module; this module builds on it).
@@ -15,6 +17,14 @@ buffers of old checkpoints are dropped; our vocabulary padding rows are added on
 load and removed on save. Only downloading needs an extra package
 (huggingface_hub, which comes with `pip install "gpt[hf]"`); writing
 model.safetensors needs safetensors, else pytorch_model.bin is written.
+
+A Hugging Face directory does not say which tokenizer its ids belong to (GPT-2's,
+for every GPT-2). save_pretrained(model, dir, tokenizer) records the spec of a
+model's tokenizer (char, byte, ...) in gpt_tokenizer.json, and load_pretrained
+returns it beside the model: gpt.tokenizer.from_spec rebuilds the tokenizer
+(without a spec it is GPT-2's; gpt.checkpoint.load_language_model, which the
+commands use, does this and refuses a model whose vocabulary is not the tokenizer's).
+This module only stores the spec: it knows no tokenizer.
 """
 
 from __future__ import annotations
@@ -37,6 +47,7 @@ HUB_MODELS = {  # short name -> hub repository
 }
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 CONFIG_OVERRIDES = ("dropout", "vocab_multiple")  # fields that do not change the weights
+TOKENIZER_FILE = "gpt_tokenizer.json"  # our tokenizer's spec, beside the weights of a model of ours
 
 
 # ---- loading ----------------------------------------------------------------------
@@ -58,6 +69,27 @@ def from_pretrained(name_or_dir: str | Path, **overrides) -> GPT:
         raise UserError(f"the weights in {directory} do not fit its config.json: {detail}") from None
     model.lm_head.weight = model.transformer.wte.weight  # assign=True gave each its own Parameter
     return model
+
+
+def load_pretrained(name_or_dir: str | Path, **overrides) -> tuple[GPT, dict | None]:
+    """from_pretrained's model, and the spec of its tokenizer that save_pretrained recorded beside
+    it (gpt_tokenizer.json), or None where none is (then the tokenizer is GPT-2's)."""
+    directory = resolve(name_or_dir)
+    return from_pretrained(directory, **overrides), read_tokenizer_spec(directory)
+
+
+def read_tokenizer_spec(directory: Path) -> dict | None:
+    """The tokenizer spec in directory/gpt_tokenizer.json, or None without that file."""
+    path = directory / TOKENIZER_FILE
+    if not path.exists():
+        return None
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e.msg}, line {e.lineno}): export the model again") from None
+    if not isinstance(spec, dict):
+        raise UserError(f"{path} holds a JSON {type(spec).__name__}, not a tokenizer spec: export the model again")
+    return spec
 
 
 def resolve(name_or_dir: str | Path) -> Path:
@@ -82,9 +114,9 @@ def download(repo: str, local_hint: bool = False) -> Path:
     except ImportError:
         raise UserError(f"downloading {repo!r} needs huggingface_hub: pip install 'gpt[hf]'") from None
     try:
-        path = Path(snapshot_download(repo, allow_patterns=["config.json", "model.safetensors"]))
+        path = Path(snapshot_download(repo, allow_patterns=["config.json", TOKENIZER_FILE, "model.safetensors"]))
         if not (path / "model.safetensors").exists():
-            path = Path(snapshot_download(repo, allow_patterns=["config.json", "pytorch_model.bin"]))
+            path = Path(snapshot_download(repo, allow_patterns=["config.json", TOKENIZER_FILE, "pytorch_model.bin"]))
     except Exception as e:  # offline, unknown repo, gated repo, ...: all user-fixable
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         also = f"; there is no local directory {repo} either" if local_hint else ""
@@ -191,14 +223,21 @@ def not_gpt2(config: GPTConfig) -> list[str]:
     return changed
 
 
-def save_pretrained(model: GPT, directory: str | Path) -> None:
-    """Write a directory that transformers.GPT2LMHeadModel.from_pretrained loads with equal logits."""
+def save_pretrained(model: GPT, directory: str | Path, tokenizer=None) -> None:
+    """Write a directory that transformers.GPT2LMHeadModel.from_pretrained loads with equal logits.
+    tokenizer: the model's gpt.tokenizer.Tokenizer, whose spec() is written (last) to
+    gpt_tokenizer.json for load_pretrained; without it, readers take GPT-2's tokenizer. A
+    gpt_tokenizer.json of an earlier export there is removed first: it described other weights."""
     changed = not_gpt2(model.config)
     if changed:
         raise UserError(f"only a GPT-2 architecture can be exported to Hugging Face GPT2LMHeadModel; this model has "
                         f"{', '.join(changed)}")
+    if tokenizer is not None and tokenizer.vocab_size != model.config.vocab_size:
+        raise UserError(f"the tokenizer has {tokenizer.vocab_size:,} token ids but the model {model.config.vocab_size:,}: "
+                        f"pass the tokenizer the model was trained with")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    (directory / TOKENIZER_FILE).unlink(missing_ok=True)
     tensors = state_dict_to_hf(model)
     try:
         from safetensors.torch import save_file
@@ -210,6 +249,9 @@ def save_pretrained(model: GPT, directory: str | Path) -> None:
             save_file(tensors, tmp, metadata={"format": "pt"})
     with atomic_path(directory / "config.json") as tmp:
         tmp.write_text(json.dumps(config_to_hf(model), indent=2) + "\n")
+    if tokenizer is not None:
+        with atomic_path(directory / TOKENIZER_FILE) as tmp:
+            tmp.write_text(json.dumps(tokenizer.spec(), ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def state_dict_to_hf(model: GPT) -> dict[str, torch.Tensor]:

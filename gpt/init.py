@@ -16,7 +16,9 @@ run.init_from is one of:
 
 Model settings written in the config must agree with weights loaded from
 elsewhere (the one line names the field), except model.dropout, which may change,
-and model.block_size, which may shrink (the position table is cropped).
+and model.block_size, which may shrink (a learned position table is cropped) and,
+for positions that extrapolate (all but learned), grow: nothing in those models
+is sized by block_size.
 """
 
 from __future__ import annotations
@@ -76,7 +78,8 @@ def initial_model(cfg, *, scratch_tokenizer: Callable[[], Tokenizer], vocab_sour
         ckpt = load_checkpoint(path)
         check_task(ckpt, path, cfg.run.task)
         check_fits(GPTConfig(**ckpt["model_config"]).parameter_count(), device, f"the model in {path}")
-        model = _checked(gpt_from_checkpoint(ckpt, _dropout(cfg)), cfg, f"the checkpoint in {cfg.run.out_dir}", may_crop=False)
+        model = _checked(gpt_from_checkpoint(ckpt, _dropout(cfg)), cfg, f"the checkpoint in {cfg.run.out_dir}",
+                         may_resize=False)
         return Start(model, from_spec(ckpt["tokenizer"]), ckpt, str(path))
 
     if kind == "checkpoint":  # a language model of ours: its weights
@@ -126,11 +129,14 @@ def _dropout(cfg) -> float | None:
     return cfg.model.dropout if cfg.is_set("model.dropout") else None
 
 
-def _checked(model: GPT, cfg, source: str, may_crop: bool = True) -> GPT:
-    """Crop to a smaller explicit block_size (if allowed), then refuse any other model field
-    that the config sets differently from the weights."""
-    if may_crop and cfg.is_set("model.block_size") and cfg.model.block_size < model.config.block_size:
-        model.crop_block_size(cfg.model.block_size)
+def _checked(model: GPT, cfg, source: str, may_resize: bool = True) -> GPT:
+    """Give the model an explicit model.block_size (if allowed; see GPT.set_block_size), then
+    refuse any other model field that the config sets differently from the weights."""
+    if may_resize and cfg.is_set("model.block_size") and cfg.model.block_size != model.config.block_size:
+        try:
+            model.set_block_size(cfg.model.block_size)
+        except UserError as e:
+            raise UserError(f"{source}: model.{e}") from None
     for field in sorted(cfg.set_keys("model") - {"dropout"}):
         ours, theirs = getattr(cfg.model, field), getattr(model.config, field)
         if ours != theirs:

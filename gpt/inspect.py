@@ -18,7 +18,9 @@ just below the main one), to the first token (a bright first column: a place to
 token, high = spread out), and the share of attention on the first token.
 
 The probabilities come from the model's own attention code (GPT.attention_probabilities,
-an explicit computation tested against the fused kernel), not from a copy.
+an explicit computation tested against the fused kernel), not from a copy. They take
+n_layer x n_head x T x T numbers for a prompt of T tokens: both pictures' files and the
+memory this takes are checked before the model runs.
 """
 
 from __future__ import annotations
@@ -29,11 +31,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gpt.atomic import check_writable
+from gpt.atomic import check_outputs
 from gpt.checkpoint import add_model_options, load_language_model
 from gpt.dataset import TokenDataset
 from gpt.errors import ArgumentParser, UserError, exit_on_user_error
-from gpt.system import pick_device
+from gpt.evaluate import forward_bytes
+from gpt.model import GPT
+from gpt.system import check_memory, pick_device
 from gpt.tokenizer import Tokenizer
 
 WHITESPACE = {" ": "␣", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
@@ -94,6 +98,30 @@ def summary_tokens(args, tok: Tokenizer, run_data: str | None, block_size: int) 
     return torch.tensor(ids[: n * block_size]).view(n, block_size)
 
 
+def check_inspect_memory(model: GPT, T: int, summary_T: int | None, maps: int, device: torch.device) -> None:
+    """Refuse, before the model runs, attention maps that do not fit in memory. On `device`: the
+    explicit forward pass (forward_bytes) of the prompt's T tokens and, for --summary, of one
+    window of summary_T tokens. In the computer's memory: the picture (matplotlib keeps a copy of
+    each of the `maps` drawn maps and makes two more to save one), the summary's statistics (a few
+    temporaries the size of a window's probabilities), and the probabilities copied from a GPU."""
+    L, H = model.config.n_layer, model.config.n_head
+    pair = 4 * L * H  # bytes of the float32 probabilities of one (query, key) pair, every layer and head
+    on_device = forward_bytes(model.config, 1, T, explicit=True)
+    on_host = 4 * (maps + 2) * T * T
+    if summary_T:
+        on_device += forward_bytes(model.config, 1, summary_T, explicit=True)
+        on_host += 3 * pair * summary_T**2
+    if device.type != "cpu":
+        on_host += pair * (T**2 + (summary_T or 0) ** 2)
+    work = f"drawing the attention of {T:,} tokens ({L} layers x {H} heads x {T:,} x {T:,} probabilities)"
+    advice = "give a shorter --prompt (a few hundred tokens draw readably)"
+    if device.type == "cpu":
+        check_memory(on_device + on_host, device, work, advice)
+    else:
+        check_memory(on_device, device, work, advice)
+        check_memory(on_host, torch.device("cpu"), work, advice)
+
+
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     p = ArgumentParser(prog="python -m gpt.inspect", description=__doc__.split("\n\n")[0])
@@ -112,6 +140,9 @@ def main(argv: list[str] | None = None) -> None:
 
     device = pick_device(args.device)
     model, tok, run_data = load_language_model(args, device)
+    picture = Path(args.out or Path(args.out_dir or ".") / "attention.png")
+    summary_picture = picture.with_name("attention_summary.png")
+    check_outputs([("--out", picture)] + ([("--summary (beside --out)", summary_picture)] if args.summary else []))
     layers = _pick(args.layers, model.config.n_layer, "layers")
     heads = _pick(args.heads, model.config.n_head, "heads")
     ids = tok.encode(args.prompt)
@@ -120,18 +151,17 @@ def main(argv: list[str] | None = None) -> None:
         print(f"note: the prompt has {len(ids)} tokens, more than the model reads at once ({limit}): "
               f"drawing its last {limit}", file=sys.stderr)
         ids = ids[-limit:]
-    picture = Path(args.out or Path(args.out_dir or ".") / "attention.png")
-    check_writable(picture, "--out")
+    windows = summary_tokens(args, tok, run_data, model.config.block_size).to(device) if args.summary else None
+    check_inspect_memory(model, len(ids), None if windows is None else windows.size(1), len(layers) * len(heads), device)
 
     from gpt.plot import plot_attention, plot_attention_summary
 
-    windows = summary_tokens(args, tok, run_data, model.config.block_size).to(device) if args.summary else None
     probs = model.attention_probabilities(torch.tensor([ids], device=device))[:, 0].float().cpu()  # (L, H, T, T)
     plot_attention(probs.numpy(), [token_label(tok, i) for i in ids], picture, layers, heads)
     if windows is not None:
         per_window = [head_statistics(model.attention_probabilities(w[None]).float().cpu()) for w in windows]
         stats = {name: np.mean([s[name] for s in per_window], axis=0) for name in per_window[0]}
-        plot_attention_summary(stats, picture.with_name("attention_summary.png"))
+        plot_attention_summary(stats, summary_picture)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ C = n_embd, H = n_head, D = C // H, V = vocab_size.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from gpt.errors import UserError
-from gpt.positions import POSITIONS, alibi_slopes, apply_rope, rope_angles, sinusoidal
+from gpt.positions import POSITIONS, alibi_slopes, apply_rope, rope_angles, rope_inverse_frequencies, sinusoidal
 from gpt.system import device_peak_flops
 
 NORMS = ("layernorm", "rmsnorm")
@@ -81,6 +81,12 @@ class GPTConfig:
                             f"n_embd / n_head = {self.head_dim} is odd: make it even")
         if not self.rope_base > 0:
             raise UserError(f"rope_base must be positive, got {self.rope_base!r}")
+        if self.position == "rope":  # the angles of positions 1 and block_size - 1, as rope_angles computes them
+            inv_freq = rope_inverse_frequencies(self.head_dim, self.rope_base)
+            if not torch.stack([inv_freq, inv_freq * (self.block_size - 1)]).isfinite().all():
+                raise UserError(f"rope_base = {self.rope_base!r} makes RoPE's angles overflow float32 (head dimension "
+                                f"{self.head_dim}, positions up to {self.block_size - 1}): use a base from about 100 "
+                                f"to 1e6 (10000 is the usual one)")
         for name in ("attention_window", "n_kv_head"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -120,7 +126,8 @@ class GPTConfig:
 
 class KVCache:
     """Keys and values of every layer for the tokens seen so far, preallocated to `length`
-    slots (default block_size; models whose positions extrapolate may ask for more).
+    slots (default block_size; models whose positions extrapolate may ask for more, and
+    contrastive search adds spare slots for its candidates: GPT.new_kv_cache).
     With grouped-query attention it holds the n_kv_head key/value heads only.
 
     Every row has the same slots. `pos` (B, length) holds the position id of the token
@@ -137,6 +144,7 @@ class KVCache:
     Rows can be repeated and selected (`repeat_rows`, `select_rows`: one prompt's cache
     for several samples; beams reordered), and contrastive search writes its candidates
     to spare slots and keeps the winner (`claim_candidates`, `keep_candidate`).
+    `KVCache.nbytes` tells the memory a cache takes before it is allocated.
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, *, length: int | None = None, device=None,
@@ -150,6 +158,13 @@ class KVCache:
         self.length = 0  # slots in use (the same for every row)
         self.has_padding = False
         self.static = False  # attention reads every slot, not only those in use
+
+    @staticmethod
+    def nbytes(config: GPTConfig, batch_size: int, length: int, dtype: torch.dtype = torch.float32) -> int:
+        """Bytes that a cache of batch_size rows and length slots allocates: keys and values
+        of every layer, and a position id (int64) per slot."""
+        keys_and_values = 2 * config.n_layer * config.kv_heads * config.head_dim * dtype.itemsize
+        return batch_size * length * (keys_and_values + torch.int64.itemsize)
 
     @property
     def batch_size(self) -> int:
@@ -553,23 +568,31 @@ class GPT(nn.Module):
         block_size is only the training length."""
         return None if self.config.extrapolates else self.config.block_size
 
-    def crop_block_size(self, block_size: int) -> None:
-        """Shrink the context to block_size (e.g. a GPT-2 checkpoint trained at 1024, used at 256)."""
-        if not 0 < block_size <= self.config.block_size:
-            raise UserError(f"block_size can only shrink, from {self.config.block_size}; got {block_size}")
-        self.config.block_size = block_size
+    def set_block_size(self, block_size: int) -> None:
+        """Change the length the model trains at. Shorter: e.g. a GPT-2 checkpoint trained at 1024,
+        used at 256 (the learned position table is cropped). Longer: only for position schemes
+        that extrapolate, where block_size sizes nothing in the model (no weight, no buffer)."""
+        old = self.config.block_size
+        if block_size > old and not self.config.extrapolates:
+            raise UserError(f"block_size = {block_size} is longer than the {old} positions of the learned position "
+                            f"embeddings, which cannot grow: use block_size <= {old}, or train a model whose "
+                            f"positions extrapolate (position = rope, alibi, sinusoidal or none) from scratch")
+        self.config = replace(self.config, block_size=block_size)  # checked again, like any GPTConfig
         if "wpe" in self.transformer:
             self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].detach().clone())
 
-    def new_kv_cache(self, batch_size: int, dtype: torch.dtype | None = None, length: int | None = None) -> KVCache:
+    def new_kv_cache(self, batch_size: int, dtype: torch.dtype | None = None, length: int | None = None,
+                     spare: int = 0) -> KVCache:
         """An empty cache for `batch_size` rows on the model's device, in the model's dtype
         unless given (under bf16 autocast, dtype=torch.bfloat16 halves its memory), for `length`
-        positions (default block_size; more only where max_context() allows)."""
+        positions (default block_size; more only where max_context() allows), plus `spare` slots
+        for tokens that share a position with another (contrastive search's candidates)."""
         limit = self.max_context()
         if length is not None and limit is not None and length > limit:
             raise UserError(f"a KV cache of {length} positions is longer than this model can read "
                             f"(learned positions, block_size = {limit})")
         w = self.transformer.wte.weight
+        length = (length or self.config.block_size) + spare
         return KVCache(self.config, batch_size, length=length, device=w.device, dtype=dtype or w.dtype)
 
     # ---- size, FLOPs, utilisation ------------------------------------------------

@@ -39,11 +39,16 @@ def sinusoidal(pos: torch.Tensor, dim: int, base: float = 10000.0) -> torch.Tens
     return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(-2)[..., :dim]  # sin, cos interleaved
 
 
+def rope_inverse_frequencies(head_dim: int, base: float, device=None) -> torch.Tensor:
+    """base^(-2i/head_dim) for i < head_dim / 2, in float32: the angle each pair of dimensions turns
+    by per position (GPTConfig checks that these and the angles of its positions are finite)."""
+    return base ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+
+
 def rope_angles(pos: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of the rotation angles p · base^(-2i/head_dim), i < head_dim / 2, shaped to
     broadcast against (B, H, T, head_dim / 2): (T, D/2) for (T,) positions, (B, 1, T, D/2) for (B, T)."""
-    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)
-    angles = pos[..., None].float() * inv_freq
+    angles = pos[..., None].float() * rope_inverse_frequencies(head_dim, base, pos.device)
     if pos.dim() == 2:
         angles = angles[:, None]
     return angles.cos(), angles.sin()

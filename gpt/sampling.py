@@ -28,15 +28,18 @@ Batches: prompts of different lengths are left-padded, with an attention_mask
 (1 = token, 0 = padding; see `pad_sequences`); num_samples repeats each prompt's
 cache after one prefill. A row stops at eos_token_id (later positions repeat it).
 A model with learned positions reads at most block_size tokens: past that, the
-context slides (the cache is rebuilt from each row's last tokens). Models whose
-positions extrapolate (GPT.max_context() is None) keep every token: their cache
-is sized to the prompt plus max_new_tokens.
+context slides (the cache is rebuilt from each row's last tokens; contrastive
+candidates then see the last block_size - 1, for any top_k: they take spare
+cache slots, not positions). Models whose positions extrapolate
+(GPT.max_context() is None) keep every token: their cache is sized to the prompt
+plus max_new_tokens. A cache larger than the device's free memory is refused
+before it is allocated (gpt.system.check_memory), with the estimate.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Iterator
 
 import torch
@@ -44,6 +47,7 @@ import torch.nn.functional as F
 
 from gpt.errors import UserError
 from gpt.model import GPT, KVCache, pad_sequences  # noqa: F401 (pad_sequences: for callers)
+from gpt.system import check_memory
 
 # ---- logits processors ------------------------------------------------------------------
 # Each maps (tokens so far (B, S), scores (B, V)) to new scores (B, V).
@@ -147,6 +151,10 @@ class SamplingConfig:
 
     def __post_init__(self):
         """Reject settings that have no meaning, with the name and the allowed range."""
+        for f in fields(self):  # no setting means anything at NaN or ±inf (length_penalty has no range below)
+            value = getattr(self, f.name)
+            if f.metadata["type"] is float and value is not None and not abs(value) < float("inf"):
+                raise UserError(f"{f.name} must be a finite number, got {value}")
         checks = [
             (self.temperature >= 0, "temperature must be >= 0 (0 = greedy)", self.temperature),
             (self.top_k is None or self.top_k >= 1, "top_k must be >= 1", self.top_k),
@@ -205,27 +213,46 @@ def _compiled_decode(device_type: str):
 class _Context:
     """Everything a decoding loop carries: tokens so far, padding, the cache, the next scores.
 
+    copies: rows decoded per prompt (num_samples, or the beams), made from one prefill.
     spare: extra cache slots a step needs (contrastive search writes its k candidates to
-    the cache, then keeps one). compile: run each step through the compiled GPT.decode on
-    a static cache (the prompt's prefill stays eager).
+    the cache, all at one position, then keeps one). compile: run each step through the
+    compiled GPT.decode on a static cache (the prompt's prefill stays eager).
     """
 
-    def __init__(self, model: GPT, idx: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, *, spare: int = 0,
-                 keep_hidden: bool = False, compile: bool = False):
+    def __init__(self, model: GPT, idx: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, *, copies: int = 1,
+                 spare: int = 0, keep_hidden: bool = False, compile: bool = False):
         self.model, self.keep_hidden, self.spare = model, keep_hidden, spare
         self.tokens, self.mask = idx, mask.bool()
         self.capacity = idx.size(1) + max_new_tokens + spare
         if compile:  # a few cache sizes, so requests of similar lengths share one compiled step
             self.capacity = -(-self.capacity // 256) * 256
         if model.max_context():  # learned positions: at most block_size, then the context slides
-            self.capacity = min(self.capacity, model.max_context())
+            self.capacity = min(self.capacity, model.max_context() + spare)
         self.compiled = _compiled_decode(idx.device.type) if compile else None
+        # while the prompts' cache is copied, it and the copies exist together
+        self.check_memory(idx.size(0) * copies + (idx.size(0) if copies > 1 else 0), idx.size(1), max_new_tokens)
         self.prefill(idx, self.mask)
+        if copies > 1:
+            self.repeat(copies)
+
+    def check_memory(self, rows: int, prompt_length: int, max_new_tokens: int) -> None:
+        """Refuse a cache of `rows` rows that the device has no room for, before allocating it."""
+        weights = self.model.transformer.wte.weight
+        per_slot = KVCache.nbytes(self.model.config, rows, 1, weights.dtype)
+        fewer_rows = "num_samples, num_beams or the number of prompts"
+
+        def advice(free: int) -> str:
+            fit = free // per_slot - prompt_length - self.spare  # the max_new_tokens whose cache fits
+            return (f"lower max_new_tokens (about {fit:,} fit) or {fewer_rows}" if fit > 0
+                    else f"lower {fewer_rows}, or shorten the prompts")
+
+        check_memory(per_slot * self.capacity, weights.device,
+                     f"generating {max_new_tokens:,} tokens (a KV cache of {self.capacity:,} positions)", advice)
 
     def prefill(self, idx: torch.Tensor, mask: torch.Tensor) -> None:
         """A fresh cache holding idx (at most its capacity less the spare slots: a longer prompt
         keeps its end)."""
-        self.cache: KVCache = self.model.new_kv_cache(idx.size(0), length=self.capacity)
+        self.cache: KVCache = self.model.new_kv_cache(idx.size(0), length=self.capacity - self.spare, spare=self.spare)
         keep = self.capacity - self.spare
         idx, mask = idx[:, -keep:], mask[:, -keep:]
         h = self.model.hidden_states(idx, attention_mask=mask, kv_cache=self.cache)
@@ -249,7 +276,8 @@ class _Context:
         return self.compiled(self.model, idx, pos, slots, cache).clone()  # a graph's output is reused
 
     def slide(self, room: int = 1) -> None:
-        """The cache is full: rebuild it from each row's last tokens, leaving `room` free slots."""
+        """The cache is full: rebuild it from each row's last tokens, leaving `room` free slots
+        besides the spare ones."""
         keep = self.capacity - self.spare - room
         self.prefill(self.tokens[:, -keep:], self.mask[:, -keep:])
 
@@ -293,7 +321,7 @@ def _contrastive_choice(ctx: _Context, scores: torch.Tensor, k: int, alpha: floa
     B, k = scores.size(0), min(k, scores.size(-1))
     top_probs, top_ids = torch.topk(F.softmax(scores, dim=-1), k=k, dim=-1)  # (B, k)
     if ctx.cache.length + k > ctx.cache.capacity:
-        ctx.slide(room=k)  # room for the candidates (the candidates themselves are already chosen)
+        ctx.slide(room=1)  # the spare slots and one more hold the candidates (already chosen)
     h_next = ctx.forward(top_ids, candidates=True)  # (B, k, C)
     context = ctx.hidden / ctx.hidden.norm(dim=-1, keepdim=True)  # (B, S, C)
     cosine = torch.einsum("bsc,bkc->bks", context, h_next / h_next.norm(dim=-1, keepdim=True))
@@ -311,18 +339,27 @@ def _contrastive_choice(ctx: _Context, scores: torch.Tensor, k: int, alpha: floa
 
 
 def _start(model: GPT, idx: torch.Tensor, max_new_tokens: int, sampling: SamplingConfig | None,
-           attention_mask: torch.Tensor | None, compile: bool | None, settings: dict):
-    """Check the arguments, put the model in eval mode; -> (sampling, context)."""
+           attention_mask: torch.Tensor | None, num_samples: int, compile: bool | None, settings: dict,
+           beams: bool = False):
+    """Check the arguments, put the model in eval mode; -> (sampling, context), the context
+    holding num_samples rows per prompt (beams: num_beams rows, of which num_samples return)."""
     if max_new_tokens < 1:
         raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if sampling is not None and settings:
         raise TypeError(f"give the decoding settings as a SamplingConfig or as keywords, not both: {sorted(settings)}")
     sampling = sampling or SamplingConfig(**settings)
+    if num_samples < 1:
+        raise UserError(f"num_samples must be at least 1, got {num_samples}")
+    if beams and num_samples > sampling.num_beams:
+        raise UserError(f"beam search returns at most num_beams ({sampling.num_beams}) texts per prompt, "
+                        f"asked for num_samples={num_samples}")
     compile = idx.is_cuda if compile is None else compile
     model.eval()
     mask = torch.ones_like(idx) if attention_mask is None else attention_mask.to(idx.device)
     spare = min(sampling.top_k, model.config.vocab_size) - 1 if sampling.contrastive else 0
-    ctx = _Context(model, idx, mask, max_new_tokens, spare=spare, keep_hidden=sampling.contrastive, compile=compile)
+    copies = sampling.num_beams if beams else num_samples
+    ctx = _Context(model, idx, mask, max_new_tokens, copies=copies, spare=spare, keep_hidden=sampling.contrastive,
+                   compile=compile)
     return sampling, ctx
 
 
@@ -345,11 +382,9 @@ def stream(model: GPT, idx: torch.Tensor, max_new_tokens: int, sampling: Samplin
         raise UserError("beam search chooses its text only at the end, so it cannot stream: use generate() "
                         "(sample.py: --no-stream)")
     try:
-        sampling, ctx = _start(model, idx, max_new_tokens, sampling, attention_mask, compile, settings)
+        sampling, ctx = _start(model, idx, max_new_tokens, sampling, attention_mask, num_samples, compile, settings)
         contrastive, sample = sampling.contrastive, sampling.sample
         processors = sampling.processors()
-        if num_samples > 1:
-            ctx.repeat(num_samples)
         finished = torch.zeros(ctx.tokens.size(0), dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
             scores = ctx.logits
@@ -392,13 +427,10 @@ def beam_search(model: GPT, idx: torch.Tensor, max_new_tokens: int, sampling: Sa
     """
     was_training = model.training
     try:
-        sampling, ctx = _start(model, idx, max_new_tokens, sampling, attention_mask, compile, settings)
+        sampling, ctx = _start(model, idx, max_new_tokens, sampling, attention_mask, num_samples, compile, settings,
+                               beams=True)
         B, T, n_beams, V = idx.size(0), idx.size(1), sampling.num_beams, model.config.vocab_size
-        if not 1 <= num_samples <= n_beams:
-            raise UserError(f"beam search returns at most num_beams ({n_beams}) texts per prompt, "
-                            f"asked for num_samples={num_samples}")
         processors, early, penalty = sampling.processors(), sampling.early_stopping, sampling.length_penalty
-        ctx.repeat(n_beams)
         device, big = idx.device, -1.0e9  # big: transformers' stand-in for minus infinity
         width = T + max_new_tokens
         fill = -1 if eos_token_id is None else eos_token_id

@@ -18,6 +18,7 @@ import contextlib
 import os
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -29,7 +30,9 @@ from gpt.errors import UserError
 
 def pick_device(name: str, setting: str = "--device") -> torch.device:
     """"auto" (cuda, then mps, then cpu) or a torch device name; under torchrun, this process's GPU.
-    setting: what named the device, for the error message."""
+    A device is refused unless a number can be stored on it and read back: not one this machine
+    lacks (cuda:7), nor one that holds no data (meta: shapes only). setting: what named the device,
+    for the error message."""
     if name == "auto":
         if torch.cuda.is_available():
             name = "cuda"
@@ -39,11 +42,11 @@ def pick_device(name: str, setting: str = "--device") -> torch.device:
             name = "cpu"
     try:
         device = torch.device(name)
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as e:
+        if device.type == "cuda" and "RANK" in os.environ:
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.ones(1, device=device).cpu()  # meta creates tensors but cannot give their values back
+    except (RuntimeError, AssertionError, NotImplementedError) as e:
         raise UserError(f"{setting} {name!r} is not usable here ({str(e).splitlines()[0]}): use \"auto\" or \"cpu\"") from None
-    if device.type == "cuda" and "RANK" in os.environ:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return device
 
 
@@ -74,8 +77,8 @@ def to_device(batch: tuple[torch.Tensor, ...], device: torch.device | str) -> tu
 def available_memory(device: torch.device) -> int | None:
     """Bytes that can still be allocated on `device`: free GPU memory, or the RAM the operating
     system says is available (None where unknown)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cuda":  # free on the device, and what PyTorch's allocator holds unused
+        return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     if device.type == "cpu":
         try:
             with open("/proc/meminfo") as f:
@@ -89,17 +92,27 @@ def available_memory(device: torch.device) -> int | None:
     return None
 
 
+def check_memory(need: int, device: torch.device, work: str, advice: str | Callable[[int], str]) -> None:
+    """Refuse, before allocating, `work` that needs about `need` bytes more than `device` has free
+    (where that is known: CUDA, and the CPU's available RAM), with one line: what it needs, what
+    is free, and `advice` (or advice(free bytes), for advice that depends on what is free).
+    Training, evaluation, attention maps and generation all check their estimates here."""
+    free = available_memory(device)
+    if free is not None and need > free:
+        advice = advice(free) if callable(advice) else advice
+        raise UserError(f"{work} needs about {need / 2**30:,.1f} GiB, but {device} has {free / 2**30:,.1f} GiB free: "
+                        f"{advice}")
+
+
 TRAINING_BYTES_PER_PARAMETER = 16  # fp32 weights, gradients, and AdamW's two moments
 
 
 def check_fits(parameters: int, device: torch.device, what: str = "the model") -> None:
     """Refuse, before allocating, a model whose weights, gradients and optimiser state alone
     (16 bytes per parameter; activations come on top) exceed what `device` has free."""
-    need, free = parameters * TRAINING_BYTES_PER_PARAMETER, available_memory(device)
-    if free is not None and need > free:
-        raise UserError(f"{what} has {parameters / 1e9:.2f}B parameters: training needs at least {need / 2**30:,.1f} GiB "
-                        f"(weights, gradients, AdamW state; 16 bytes each), but {device} has {free / 2**30:,.1f} GiB "
-                        f"free: make the model smaller (n_layer, n_embd)")
+    check_memory(parameters * TRAINING_BYTES_PER_PARAMETER, device,
+                 f"training {what} ({parameters / 1e9:.2f}B parameters: weights, gradients and AdamW state, 16 bytes "
+                 f"each, before activations)", "make the model smaller (n_layer, n_embd)")
 
 
 # ---- processes (torchrun) ------------------------------------------------------------------------

@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from gpt.atomic import atomic_path
+from gpt.atomic import DirectoryLock, atomic_path
 from gpt.checkpoint import (BEST, load_checkpoint, previous_checkpoints, read_shards, rng_state, save_checkpoint,
                             set_rng_state, shard_dir, write_shards)
 from gpt.config import Config, OptimConfig, save_config
@@ -125,16 +125,21 @@ class Trainer:
     def __init__(self, cfg: Config, overwrite: bool = False):
         """overwrite: a new run may start in an out_dir that holds another run's checkpoints
         (they are removed once this run has set up); without it, that is refused."""
-        self._start_system(cfg, overwrite)
-        self.task: Task = TASKS[cfg.run.task](cfg, self.procs)  # the data, read and checked
-        checkpoint = self._build_model(cfg)
-        if checkpoint is not None and "model" in checkpoint:  # whole tensors, before FSDP shards them
-            self.model.load_state_dict(checkpoint["model"])
-        self._wrap_model()
-        self._build_optimizer()  # on the parameters that train (FSDP's shards)
-        if checkpoint is not None:
-            self._restore(checkpoint)
-        self._start_outputs(resumed=checkpoint is not None)
+        self.lock, self.created_out_dir = None, False
+        try:
+            self._start_system(cfg, overwrite)
+            self.task: Task = TASKS[cfg.run.task](cfg, self.procs)  # the data, read and checked
+            checkpoint = self._build_model(cfg)
+            if checkpoint is not None and "model" in checkpoint:  # whole tensors, before FSDP shards them
+                self.model.load_state_dict(checkpoint["model"])
+            self._wrap_model()
+            self._build_optimizer()  # on the parameters that train (FSDP's shards)
+            if checkpoint is not None:
+                self._restore(checkpoint)
+            self._start_outputs(resumed=checkpoint is not None)
+        except BaseException:
+            self._abandon()
+            raise
 
     # ---- setup stages, in order ------------------------------------------------------------------
 
@@ -150,14 +155,17 @@ class Trainer:
         self.out_dir = Path(cfg.run.out_dir)
         if self.out_dir.exists() and not self.out_dir.is_dir():
             raise UserError(f"run.out_dir {self.out_dir} is a file: name a directory for the run")
+        new = self.procs.is_main and not self.out_dir.exists()
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            self.created_out_dir = new
             probe = self.out_dir / f".write-test-{os.getpid()}"
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as e:
             raise UserError(f"run.out_dir {self.out_dir} cannot be written ({e.strerror}): choose another directory") from None
         if self.procs.is_main:
+            self.lock = DirectoryLock(self.out_dir)  # one run at a time writes here
             for stale in self.out_dir.glob(".*.tmp-*"):  # from a run killed while writing
                 _remove(stale)
         previous = previous_checkpoints(self.out_dir)
@@ -177,7 +185,27 @@ class Trainer:
             run = dataclasses.replace(self.cfg.run, init_from=start.checkpoint["config"]["run"]["init_from"])
             self.cfg = dataclasses.replace(self.cfg, run=run)
         self.grad_accum = self.task.grad_accum()
+        if start.checkpoint is not None:
+            self.grad_accum = self._resumed_grad_accum(start.checkpoint)
         return start.checkpoint
+
+    def _resumed_grad_accum(self, ckpt: dict) -> int:
+        """A resumed run keeps its global batch on any number of processes: the micro-batches
+        per optimiser step over all processes (recorded in the checkpoint; in older ones, the
+        accumulation times the processes that wrote it) are shared out again."""
+        steps = ckpt.get("micro_batches_per_step")
+        if steps is None and not self.cfg.batch.tokens_per_step:  # before it was recorded
+            steps = ckpt["config"]["batch"]["grad_accum"] * len(ckpt["rng"])
+        world = self.procs.world_size
+        if steps is None or steps == self.grad_accum * world:
+            return self.grad_accum
+        if steps % world:
+            raise UserError(f"the run takes {steps} micro-batches of {self.cfg.batch.batch_size} per optimiser step, which "
+                            f"{world} processes cannot share evenly (a resumed run keeps its global batch): resume on "
+                            f"a number of processes that divides {steps}")
+        self.procs.note(f"note: {world} process(es) now share the run's {steps} micro-batches per step: "
+                        f"{steps // world} accumulation steps each (the global batch is unchanged)")
+        return steps // world
 
     def _build_optimizer(self) -> None:
         cfg = self.cfg
@@ -308,6 +336,7 @@ class Trainer:
                 self.wandb.finish()
             if torch.distributed.is_initialized():
                 torch.distributed.destroy_process_group()
+            self._release()
 
     def _loop(self) -> None:
         cfg, state = self.cfg, self.state
@@ -493,6 +522,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "sampler": self.task.state_dict(),
             "rng": rngs,
+            "micro_batches_per_step": self.grad_accum * self.procs.world_size,
             **self.state.state_dict(),
             "metrics": metrics,
         }
@@ -538,6 +568,24 @@ class Trainer:
         else:
             now = "finishing this step"
         print(f"\n{signal.Signals(signum).name}: {now}, then saving (Ctrl-C again to abort)", flush=True)
+
+
+    # ---- leaving -------------------------------------------------------------------------------
+
+    def _release(self) -> None:
+        """Let other runs write out_dir again."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def _abandon(self) -> None:
+        """A set-up that failed: release out_dir, and remove it if this run created it and wrote
+        nothing there (a failed start leaves the file system as it was)."""
+        self._release()
+        if self.created_out_dir:
+            leftovers = [p for p in self.out_dir.iterdir() if p.name != DirectoryLock.NAME]
+            if not leftovers:
+                shutil.rmtree(self.out_dir, ignore_errors=True)
 
 
 def _remove(path: Path) -> None:

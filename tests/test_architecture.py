@@ -217,6 +217,26 @@ def test_learned_positions_stop_at_block_size():
         model.new_kv_cache(1, length=40)
 
 
+def test_init_from_a_rope_run_with_a_longer_block_size_trains_and_saves_it(char_data, tmp_path):
+    """RoPE has no position weights (nothing in the model is sized by block_size), so a run of
+    block_size 16 can start one of block_size 48: it trains from the loaded weights, and its
+    checkpoint has the new block_size and loads. (Learned positions are refused: test_bad_inputs.)"""
+    import train
+    from gpt.checkpoint import load_checkpoint, load_model
+    from test_train import args, step_losses
+
+    train.main(args(char_data, tmp_path / "short", "--model.position=rope", "--model.block_size=16", "--max_iters=12"))
+    train.main(args(char_data, tmp_path / "long", "--model.position=rope", "--model.block_size=48", "--max_iters=4",
+                    f"--run.init_from={tmp_path / 'short'}"))
+    short, long = step_losses(tmp_path / "short"), step_losses(tmp_path / "long")
+    assert all(math.isfinite(v) for v in long.values()) and long[1] < short[1] - 0.3  # it starts trained
+    saved = load_checkpoint(tmp_path / "long" / "ckpt.pt")
+    assert saved["model_config"]["block_size"] == 48 and saved["model_config"]["position"] == "rope"
+    model, _, _ = load_model(tmp_path / "long" / "ckpt.pt")
+    assert model.config.block_size == 48
+    assert torch.isfinite(model(torch.zeros(2, 48, dtype=torch.long), torch.zeros(2, 48, dtype=torch.long))[1])
+
+
 # ---- bad settings ----------------------------------------------------------------------
 
 
@@ -228,6 +248,8 @@ def test_learned_positions_stop_at_block_size():
     (dict(n_kv_head=3), "n_kv_head (3) must divide n_head (4)"),
     (dict(position="rope", n_head=2, n_embd=30), "head dimension n_embd / n_head = 15 is odd"),
     (dict(position="rope", rope_base=0.0), "rope_base must be positive"),
+    (dict(position="rope", rope_base=1e-300), "rope_base = 1e-300 makes RoPE's angles overflow float32"),
+    (dict(position="rope", rope_base=1e-36, n_head=1, block_size=10**9), "positions up to 999999999"),
 ])
 def test_bad_architecture_settings_are_clear_errors(overrides, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):

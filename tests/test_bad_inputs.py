@@ -20,7 +20,7 @@ import torch
 
 import sample
 import train
-from gpt import classify, evaluate, inspect, prepare
+from gpt import checkpoint, classify, evaluate, inspect, prepare
 from gpt.errors import UserError
 
 from conftest import ROOT, last_wins
@@ -42,7 +42,10 @@ def world(tmp_path_factory, char_data):
     clf = root / "clf"
     train.main([f"--run.out_dir={clf}", "--run.task=classify", f"--classify.train_file={root / 'sms.csv'}",
                 "--classify.tokenizer=byte", "--classify.val_fraction=0.2", *TINY])
-    return {"root": root, "data": char_data, "lm": lm, "clf": clf, "sms": root / "sms.csv"}
+    fsdp = root / "fsdp"  # sharded checkpoints at iterations 2 and 4
+    train.main(last_wins([f"--data.dir={char_data}", f"--run.out_dir={fsdp}", *TINY, "--max_iters=4",
+                          "--system.parallel=fsdp"]))
+    return {"root": root, "data": char_data, "lm": lm, "clf": clf, "sms": root / "sms.csv", "fsdp": fsdp}
 
 
 class Case:
@@ -122,7 +125,7 @@ TRAIN = [
     ("out_dir under a file", lambda c: c.train(f"--run.out_dir={c.file('f', 'x') / 'run'}"), "cannot be written"),
     ("batch not divisible", lambda c: c.train("--batch.tokens_per_step=1000"), "must be a multiple of"),
     ("model too large", lambda c: c.train("--model.n_embd=200000", "--model.n_head=2"),
-     "training needs at least"),
+     "B parameters: weights, gradients and AdamW state, 16 bytes each, before activations) needs about"),
     ("unknown task", lambda c: c.train("--run.task=qa"), "run.task must be one of lm, classify"),
     ("classify without data", lambda c: c.train("--run.task=classify"), "needs classify.train_file"),
     ("init_from missing", lambda c: c.train(f"--run.init_from={c.tmp / 'no_run'}"), "does not exist"),
@@ -153,7 +156,21 @@ TRAIN = [
     ("single label", lambda c: c.train("--run.task=classify",
                                        "--classify.train_file=" + str(c.file("one.csv", "text,label\n" + "a,x\n" * 5))),
      "has a single label"),
+    ("device that holds no data", lambda c: c.train("--system.device=meta"), "system.device 'meta' is not usable here"),
+    ("rope_base that overflows", lambda c: c.train("--model.position=rope", "--model.rope_base=1e-300"),
+     "model.rope_base = 1e-300 makes RoPE's angles overflow float32"),
+    ("init_from a learned-position run with a longer block_size",
+     lambda c: c.train(f"--run.init_from={c.w['lm']}", "--model.block_size=32"),
+     "model.block_size = 32 is longer than the 16 positions of the learned position embeddings, which cannot grow: "
+     "use block_size <= 16"),
 ]
+
+
+def _rope_run(c: Case) -> Path:
+    """A tiny run of a RoPE model (its generation keeps every token) in c.tmp / "run"."""
+    train.main(c.train("--model.position=rope"))
+    return c.tmp / "run"
+
 
 SAMPLE = [
     ("typo", lambda c: [f"--out_dir={c.w['lm']}", "--temprature=0.5"], "unknown option --temprature=0.5: did you mean --temperature?"),
@@ -178,6 +195,18 @@ SAMPLE = [
      "beam search (num_beams > 1) does not sample"),
     ("early_stopping", lambda c: [f"--out_dir={c.w['lm']}", "--num_beams=2", "--early_stopping=sometimes"],
      "early_stopping must be true, false or never"),
+    ("length_penalty nan", lambda c: [f"--out_dir={c.w['lm']}", "--num_beams=2", "--length_penalty=nan"],
+     "length_penalty must be a finite number, got nan"),
+    ("length_penalty -inf", lambda c: [f"--out_dir={c.w['lm']}", "--num_beams=2", "--length_penalty=-inf"],
+     "length_penalty must be a finite number, got -inf"),
+    ("device that holds no data", lambda c: [f"--out_dir={c.w['lm']}", "--device=meta"], "--device 'meta' is not usable here"),
+    ("out_dir beside init_from", lambda c: [f"--out_dir={c.w['lm']}", "--init_from=gpt2"],
+     "--init_from and --out_dir both name the model"),
+    ("exported char model without its tokenizer", lambda c: [f"--init_from={_exported(c, tokenizer=False)}"],
+     "but GPT-2's tokenizer (no gpt_tokenizer.json names another) has 50,257"),
+    ("KV cache beyond free memory", lambda c: [f"--out_dir={_rope_run(c)}", "--max_new_tokens=1000000000000", "--stop=e",
+                                               "--stream"],
+     "generating 1,000,000,000,000 tokens (a KV cache of"),
 ]
 
 PREPARE = [
@@ -232,6 +261,25 @@ EVALUATE = [
      "--stride=10 must be between 1 and context + 1 = 9"),
     ("no model", lambda c: ["--context=8"], "name the model: --out_dir=DIR"),
     ("typo", lambda c: [f"--out_dir={c.w['lm']}", "--contxt=8"], "did you mean --context?"),
+    ("out_dir beside init_from: no picture in the run", lambda c: [f"--out_dir={c.w['lm']}", "--init_from=gpt2", "--plot"],
+     "--init_from and --out_dir both name the model"),
+    ("ckpt beside init_from", lambda c: ["--init_from=gpt2", "--ckpt=best.pt"], "--init_from and --ckpt both name the model"),
+    ("data beside text", lambda c: [f"--out_dir={c.w['lm']}", "--text", str(c.file("t.txt", "ROMEO")), f"--data={c.w['data']}"],
+     "--text evaluates the files given, so --data would be ignored"),
+    ("split beside text", lambda c: [f"--out_dir={c.w['lm']}", "--split=train", "--text", str(c.file("t.txt", "ROMEO"))],
+     "--text evaluates the files given, so --split would be ignored"),
+    ("json and plot at one path", lambda c: [f"--out_dir={c.w['lm']}", f"--json={c.tmp / 'r.json'}", f"--plot={c.tmp / 'r.json'}"],
+     "--json and --plot both name"),
+    ("json and plot at one path, written two ways", lambda c: [f"--out_dir={c.w['lm']}", "--json=r.json",
+                                                               f"--plot={_chdir(c) / 'r.json'}"], "--json and --plot both name"),
+    ("stride too long for a later context", lambda c: [f"--out_dir={c.w['lm']}", "--context=16,8", "--stride=12"],
+     "--stride=12 must be between 1 and context + 1 = 9 for --context=8"),
+    ("ALiBi context beyond memory", lambda c: [f"--out_dir={_run(c, 'alibi')}", "--context=1000000", "--text",
+                                               str(c.file("long.txt", "the " * 250_000))],
+     "tokens) needs about"),
+    ("exported char model without its tokenizer", lambda c: [f"--init_from={_exported(c, tokenizer=False)}",
+                                                             f"--data={c.w['data']}"],
+     "but GPT-2's tokenizer (no gpt_tokenizer.json names another) has 50,257"),
 ]
 
 INSPECT = [
@@ -244,12 +292,64 @@ INSPECT = [
     ("a classifier", lambda c: [f"--out_dir={c.w['clf']}", "--prompt=hi"], "is a classify checkpoint, not a language model"),
     ("unknown out_dir", lambda c: [f"--out_dir={c.tmp / 'none'}", "--prompt=hi"], "no checkpoint at"),
     ("prompt outside the vocabulary", lambda c: [f"--out_dir={c.w['lm']}", "--prompt=🚀"], "not in this char tokenizer's"),
+    ("out_dir beside init_from", lambda c: [f"--out_dir={c.w['lm']}", "--init_from=gpt2", "--prompt=hi"],
+     "--init_from and --out_dir both name the model"),
+    ("summary picture is a directory", lambda c: [f"--out_dir={c.w['lm']}", "--prompt=RO", "--summary",
+                                                  f"--out={_mkdir(c, 'attention_summary.png').parent / 'a.png'}"],
+     "attention_summary.png is a directory"),
+    ("summary picture is --out", lambda c: [f"--out_dir={c.w['lm']}", "--prompt=RO", "--summary",
+                                            f"--out={c.tmp / 'attention_summary.png'}"], "--out and --summary (beside --out) both name"),
+    ("RoPE prompt beyond memory", lambda c: [f"--out_dir={_run(c, 'rope')}", "--prompt=" + "the " * 250_000],
+     "give a shorter --prompt"),
+    ("exported char model without its tokenizer", lambda c: [f"--init_from={_exported(c, tokenizer=False)}", "--prompt=RO"],
+     "but GPT-2's tokenizer (no gpt_tokenizer.json names another) has 50,257"),
+]
+
+def _damaged_shards(c: Case, how: str) -> Path:
+    """A copy of the sharded run whose latest checkpoint (iteration 4) has damaged shards."""
+    run = Path(shutil.copytree(c.w["fsdp"], c.tmp / "fsdp"))
+    shards = run / "ckpt-0000004.shards"
+    if how == "truncated":
+        piece = shards / "__0_0.distcp"
+        piece.write_bytes(piece.read_bytes()[: piece.stat().st_size // 2])
+    elif how == "deleted":
+        (shards / "__0_0.distcp").unlink()
+    else:  # the index
+        (shards / ".metadata").write_bytes((shards / ".metadata").read_bytes()[:10])
+    return run
+
+
+INTACT = "use ckpt-0000002.pt instead (to resume from it, copy it to ckpt.pt)"
+DAMAGED = [  # every reader of a sharded checkpoint checks it first, and names the intact one
+    ("sample.py", "a truncated shard", lambda c: [f"--out_dir={_damaged_shards(c, 'truncated')}"],
+     "ckpt.pt is damaged: its shard directory ckpt-0000004.shards holds a truncated __0_0.distcp ("),
+    ("gpt.evaluate", "a deleted shard", lambda c: [f"--out_dir={_damaged_shards(c, 'deleted')}", "--ckpt=ckpt.pt"],
+     f"ckpt.pt is damaged: its shard directory ckpt-0000004.shards lacks __0_0.distcp: {INTACT}"),
+    ("train.py", "resume from a damaged index", lambda c: ["--resume", f"--run.out_dir={_damaged_shards(c, 'index')}"],
+     f"has a damaged index (.metadata): {INTACT}"),
+    ("train.py", "init_from damaged shards", lambda c: c.train(f"--run.init_from={_damaged_shards(c, 'deleted') / 'ckpt.pt'}"),
+     "ckpt.pt is damaged: its shard directory ckpt-0000004.shards lacks __0_0.distcp"),
+    ("gpt.inspect", "a truncated shard", lambda c: [f"--out_dir={_damaged_shards(c, 'truncated')}", "--ckpt=ckpt.pt",
+                                                    "--prompt=RO"], "holds a truncated __0_0.distcp"),
+    ("gpt.checkpoint", "consolidate a damaged index",
+     lambda c: ["consolidate", str(_damaged_shards(c, "index") / "ckpt.pt")], "has a damaged index (.metadata)"),
+]
+
+CHECKPOINT = [
+    ("consolidate whole tensors", lambda c: ["consolidate", str(c.w["lm"] / "ckpt.pt")], "holds whole tensors already"),
+    ("consolidate --out in a missing directory", lambda c: ["consolidate", str(c.w["fsdp"] / "ckpt.pt"),
+                                                             f"--out={c.tmp / 'missing' / 'dir' / 'c.pt'}"],
+     "dir/c.pt: its directory"),
+    ("consolidate --out is a directory", lambda c: ["consolidate", str(c.w["fsdp"] / "ckpt.pt"), f"--out={c.tmp}"],
+     "is a directory: name a file"),
+    ("consolidate a missing file", lambda c: ["consolidate", str(c.tmp / "none.pt")], "no checkpoint at"),
 ]
 
 COMMANDS = {"train.py": train.main, "sample.py": sample.main, "gpt.prepare": prepare.main, "gpt.classify": classify.main,
-            "gpt.evaluate": evaluate.main, "gpt.inspect": inspect.main}
+            "gpt.evaluate": evaluate.main, "gpt.inspect": inspect.main, "gpt.checkpoint": checkpoint.main}
 CASES = {"train.py": TRAIN, "sample.py": SAMPLE, "gpt.prepare": PREPARE, "gpt.classify": CLASSIFY,
-         "gpt.evaluate": EVALUATE, "gpt.inspect": INSPECT}
+         "gpt.evaluate": EVALUATE, "gpt.inspect": INSPECT, "gpt.checkpoint": CHECKPOINT}
+CASES = {command: cases + [case for where, *case in DAMAGED if where == command] for command, cases in CASES.items()}
 TABLE = [(command, *case) for command, cases in CASES.items() for case in cases]
 
 
@@ -257,16 +357,20 @@ TABLE = [(command, *case) for command, cases in CASES.items() for case in cases]
 def test_a_bad_command_line_exits_2_with_one_line(world, tmp_path, capsys, monkeypatch, command, name, argv, words):
     argv = argv(Case(tmp_path, world, monkeypatch))
     capsys.readouterr()
-    before = {p: p.stat().st_mtime_ns for p in world["lm"].iterdir()}
+    shared = [path for run in ("lm", "clf", "fsdp") for path in world[run].rglob("*")]
+    before = {p: p.stat().st_mtime_ns for p in shared}
     with pytest.raises(SystemExit) as e:
         COMMANDS[command](argv)
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2, err
     assert err.startswith("error: ") and len(err.splitlines()) == 1 and len(err) < 400, err
     assert words in err, err
-    assert {p: p.stat().st_mtime_ns for p in world["lm"].iterdir()} == before  # the shared runs are untouched,
-    # nothing was added to them either (gpt.inspect draws into --out_dir only after every check)
+    assert {p: p.stat().st_mtime_ns for run in ("lm", "clf", "fsdp") for p in world[run].rglob("*")} == before
+    # the shared runs are untouched, nothing was added to them either (gpt.inspect draws into
+    # --out_dir only after every check)
     assert not list(tmp_path.rglob(".*.tmp-*"))  # no temporary file left behind
+    if command == "train.py":  # a run that fails to start leaves no directory behind (c.train's out_dir)
+        assert not (tmp_path / "run").exists()
 
 
 def test_wandb_without_a_login_is_one_line_and_removes_nothing(world, tmp_path):
@@ -338,6 +442,13 @@ API = [
     ("tokenizer", lambda tmp, mp: __import__("gpt.tokenizer").tokenizer.get_tokenizer("foo"), "unknown tokenizer 'foo'"),
     ("disk full while checkpointing", lambda tmp, mp: _api_disk_full(tmp, mp),
      "cannot write a checkpoint in"),
+    ("SamplingConfig length_penalty nan", lambda tmp, mp: __import__("gpt.sampling").sampling.SamplingConfig(
+        num_beams=2, length_penalty=float("nan")), "length_penalty must be a finite number, got nan"),
+    ("GPTConfig rope_base", lambda tmp, mp: __import__("gpt").GPTConfig(position="rope", rope_base=1e-300),
+     "rope_base = 1e-300 makes RoPE's angles overflow float32 (head dimension 64, positions up to 1023)"),
+    ("set_block_size beyond learned positions", lambda tmp, mp: __import__("gpt").GPT(__import__("gpt").GPTConfig(
+        block_size=8, vocab_size=10, n_layer=1, n_head=1, n_embd=8)).set_block_size(16),
+     "block_size = 16 is longer than the 8 positions of the learned position embeddings, which cannot grow"),
 ]
 
 
@@ -346,3 +457,52 @@ def test_the_python_api_raises_user_error(tmp_path, monkeypatch, name, call, wor
     with pytest.raises(UserError) as e:
         call(tmp_path, monkeypatch)
     assert words in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+# ---- helpers of the cases above (called when a case runs) ------------------------------------------------
+
+def _chdir(c: Case) -> Path:
+    """Work in the case's directory (undone after the test), so that a relative path points there."""
+    c.env.chdir(c.tmp)
+    return c.tmp
+
+
+def _mkdir(c: Case, name: str) -> Path:
+    (c.tmp / name).mkdir()
+    return c.tmp / name
+
+
+def _run(c: Case, position: str) -> Path:
+    """A tiny language-model run with another position scheme (those read past block_size)."""
+    out = c.tmp / position
+    train.main(c.train(f"--run.out_dir={out}", f"--model.position={position}"))
+    return out
+
+
+def _exported(c: Case, tokenizer: bool) -> Path:
+    """The shared char model exported to the Hugging Face format, with or without its tokenizer."""
+    from gpt.checkpoint import load_model
+    from gpt.hf import save_pretrained
+
+    model, tok, _ = load_model(c.w["lm"] / "best.pt")
+    save_pretrained(model, c.tmp / "hf", tok if tokenizer else None)
+    return c.tmp / "hf"
+
+
+def test_an_exported_char_model_reads_back_with_its_tokenizer(world, tmp_path, monkeypatch, capsys):
+    """save_pretrained with the tokenizer: --init_from=DIR gives the loss, the text and the pictures
+    of --out_dir=RUN (the char tokenizer, not GPT-2's)."""
+    hf = _exported(Case(tmp_path, world, monkeypatch), tokenizer=True)
+    assert json.loads((hf / "gpt_tokenizer.json").read_text())["name"] == "char"
+    for model, name in ([f"--out_dir={world['lm']}"], "ours"), ([f"--init_from={hf}", f"--data={world['data']}"], "hf"):
+        evaluate.main([*model, f"--json={tmp_path / name}.json"])
+    ours, theirs = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("ours", "hf"))
+    assert theirs[0]["tokens"] == ours[0]["tokens"] and theirs[0]["loss"] == pytest.approx(ours[0]["loss"], rel=1e-5)
+    greedy = ["--prompt=ROMEO", "--temperature=0", "--max_new_tokens=20", "--no-stream"]
+    capsys.readouterr()
+    sample.main([f"--out_dir={world['lm']}", "--ckpt=best.pt", *greedy])
+    ours = capsys.readouterr().out
+    sample.main([f"--init_from={hf}", *greedy])
+    assert capsys.readouterr().out == ours and ours.startswith("ROMEO") and len(ours) > len("ROMEO") + 10
+    inspect.main([f"--init_from={hf}", "--prompt=ROMEO", f"--out={tmp_path / 'a.png'}"])
+    assert (tmp_path / "a.png").stat().st_size > 0

@@ -94,9 +94,13 @@ def test_eval_windows_are_fixed_spread_and_shared_out_by_rank():
     assert [b.tolist() for b in batches] == [b.tolist() for b in eval_indices(1000, 4, 5)]
     flat = np.concatenate(batches)
     assert flat.min() == 0 and flat.max() == 999 and len(set(flat.tolist())) == 20
-    shares = [np.concatenate(eval_indices(1000, 4, 5, rank=r, world_size=3)) for r in range(3)]
-    assert all(len(s) == 20 for s in shares)
-    assert len(set(np.concatenate(shares).tolist())) == 60  # disjoint
+    for world in (2, 3, 7, 30):  # the same 20 windows on any number of processes, shared out
+        shares = [eval_indices(1000, 4, 5, rank=r, world_size=world) for r in range(world)]
+        assert len({len(batches) for batches in shares}) == 1  # as many batches (forwards) in every process
+        dealt = np.concatenate([b for batches in shares for b in batches])
+        assert sorted(dealt.tolist()) == sorted(flat.tolist())  # each window once, none added
+        assert max(len(np.concatenate(batches)) for batches in shares) - min(
+            len(np.concatenate(batches)) for batches in shares) <= 1  # evenly
 
 
 # ---- data the model cannot read -----------------------------------------------------------

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from gpt import GPT, GPTConfig, UserError
-from gpt.hf import from_pretrained, save_pretrained
+from gpt.hf import from_pretrained, load_pretrained, save_pretrained
+from gpt.tokenizer import from_spec, get_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -90,6 +91,26 @@ def test_dropout_and_padding_can_be_overridden_but_shapes_cannot(tmp_path):
     torch.testing.assert_close(our_logits(unpadded, idx), hf_logits(hf, idx), rtol=1e-4, atol=1e-4)
     with pytest.raises(UserError, match="cannot override n_layer"):
         from_pretrained(tmp_path, n_layer=4)
+
+
+def test_our_tokenizer_is_recorded_beside_the_weights(tmp_path):
+    """save_pretrained(model, dir, tokenizer) writes gpt_tokenizer.json, which load_pretrained returns
+    (from_spec rebuilds the tokenizer); transformers still loads the directory; an export without a
+    tokenizer removes it; a tokenizer of another vocabulary is refused."""
+    tok = get_tokenizer("char", text="ROMEO: But soft, what light\n")
+    torch.manual_seed(0)
+    ours = GPT(GPTConfig(block_size=16, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=16)).eval()
+    save_pretrained(ours, tmp_path, tok)
+    model, spec = load_pretrained(tmp_path)
+    assert spec == tok.spec() and from_spec(spec).decode(tok.encode("ROMEO: what")) == "ROMEO: what"
+    idx = torch.tensor([tok.encode("ROMEO: But")])
+    torch.testing.assert_close(our_logits(model.eval(), idx), our_logits(ours, idx))
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(hf_logits(hf, idx), our_logits(ours, idx), rtol=1e-4, atol=1e-4)
+    save_pretrained(ours, tmp_path)  # no tokenizer: the earlier spec goes with the weights it described
+    assert not (tmp_path / "gpt_tokenizer.json").exists() and load_pretrained(tmp_path)[1] is None
+    with pytest.raises(UserError, match="the tokenizer has 50,257 token ids but the model 21"):
+        save_pretrained(ours, tmp_path, get_tokenizer("gpt2"))
 
 
 # ---- bad input -----------------------------------------------------------------------

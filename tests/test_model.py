@@ -321,6 +321,16 @@ def test_bfloat16_cache_serves_a_float32_model(arch):
     torch.testing.assert_close(logits[:, 0], all_logits(model, seq)[:, -1], rtol=0.05, atol=0.05)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_kv_cache_nbytes_is_what_a_cache_allocates(dtype):
+    from gpt.model import KVCache
+
+    model = small_model(n_kv_head=2)
+    cache = model.new_kv_cache(3, dtype=dtype, length=20, spare=4)  # spare slots count too
+    allocated = sum(t.untyped_storage().nbytes() for t in (cache.k, cache.v, cache.pos))
+    assert KVCache.nbytes(model.config, 3, 24, dtype) == allocated and cache.capacity == 24
+
+
 def test_mask_and_cache_shapes_are_checked():
     model = small_model()
     idx = torch.randint(0, 97, (2, 6))

@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from gpt import GPT, GPTConfig, UserError
 from gpt.hf import from_pretrained
@@ -214,24 +215,72 @@ def test_stream_yields_what_generate_returns(models):
     assert torch.cat([idx[0], torch.cat(steps)]).tolist() == generate(ours, idx, 9, temperature=0)[0].tolist()
 
 
-@pytest.mark.parametrize("settings", [dict(temperature=0), dict(penalty_alpha=0.6, top_k=3)], ids=["greedy", "contrastive"])
-def test_context_slides_past_block_size(settings):
+def sliding_model() -> GPT:
+    """A learned-position model with block_size 16 whose weights (x 5) give varied text, so that
+    a window of the wrong length changes the tokens."""
     torch.manual_seed(3)
     model = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(5)
+    return model
+
+
+@torch.no_grad()
+def test_context_slides_past_block_size():
+    model = sliding_model()
     prompt = list(range(20, 30))
-    out = generate(model, torch.tensor([prompt]), 40, **settings)[0].tolist()
-    assert len(out) == 50
-    if "penalty_alpha" in settings:
-        return
-    # reference: the context is the current window; when it would exceed block_size,
-    # it restarts from the last block_size - 1 tokens
-    tokens, start = list(prompt), 0
+    out = generate(model, torch.tensor([prompt]), 40, temperature=0)[0].tolist()
+    # reference, without a cache: each next token is predicted from the last block_size tokens
+    tokens = list(prompt)
     for _ in range(40):
-        logits = model.logits(model.hidden_states(torch.tensor([tokens[start:]])))[0, -1]
+        logits = model.logits(model.hidden_states(torch.tensor([tokens[-16:]])))[0, -1]
         tokens.append(int(logits.argmax()))
-        if len(tokens) - start > 16:
-            start = len(tokens) - 15
-    assert out == tokens
+    assert out == tokens and len(set(out[10:])) > 5
+
+
+def sliding_contrastive(model: GPT, prompt: list[int], n: int, alpha: float, k: int) -> list[int]:
+    """Reference contrastive search without a cache for a learned-position model: the next-token
+    scores come from the last block_size tokens, and each candidate is read after the last
+    block_size - 1 (so that it fits), whose hidden states it is compared with."""
+    window, tokens = model.config.block_size, list(prompt)
+    for _ in range(n):
+        probs = model.logits(model.hidden_states(torch.tensor([tokens[-window:]])))[0, -1].softmax(-1)
+        top_probs, top_ids = probs.topk(min(k, probs.numel()))
+        context = tokens[-(window - 1):]
+        h = F.normalize(model.hidden_states(torch.tensor([context]))[0], dim=-1)  # (S, C)
+        h_next = model.hidden_states(torch.tensor([context + [c] for c in top_ids.tolist()]))[:, -1]  # (k, C)
+        penalty = (F.normalize(h_next, dim=-1) @ h.T).max(dim=-1)[0]
+        tokens.append(int(top_ids[((1 - alpha) * top_probs - alpha * penalty).argmax()]))
+    return tokens
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("top_k", [3, 9, 15, 40], ids=lambda k: f"top_k{k}")
+def test_contrastive_search_slides_past_block_size_with_any_top_k(top_k):
+    """top_k above block_size / 2 (9, 15) and above block_size (40): the candidates take spare
+    cache slots, not positions, so the window is the same for every top_k."""
+    model = sliding_model()
+    for prompt in (list(range(20, 30)), list(range(1, 21))):  # shorter and longer than block_size
+        out = generate(model, torch.tensor([prompt]), 30, penalty_alpha=0.6, top_k=top_k)[0].tolist()
+        assert out == sliding_contrastive(model, prompt, 30, 0.6, top_k)
+        assert len(set(out[len(prompt):])) > 5
+
+
+def test_a_kv_cache_beyond_free_memory_is_refused_before_it_is_allocated():
+    """A RoPE model keeps every token, so 10**12 new tokens would need 136 TB of cache per row: generate,
+    stream and beam search refuse it in one line with the estimate (allocating would fail with
+    a RuntimeError: the refusal shows that it was never tried)."""
+    model = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=1, n_head=2, n_embd=16, position="rope"))
+    idx = torch.tensor([[1, 2, 3]])
+    message = (r"generating 1,000,000,000,000 tokens \(a KV cache of 1,000,000,000,00[34] positions\) needs about "
+               r"[\d,.]+ GiB, but cpu has [\d,.]+ GiB free: lower max_new_tokens \(about [\d,]+ fit\) or num_samples")
+    for decode in (lambda: generate(model, idx, 10**12, num_beams=2),
+                   lambda: next(stream(model, idx, 10**12, top_p=0.9, num_samples=2)),
+                   lambda: generate(model, idx, 10**12, penalty_alpha=0.6, top_k=2)):
+        with pytest.raises(UserError, match=message):
+            decode()
+    assert model.training  # left as it was
 
 
 def test_contrastive_top_k_larger_than_the_vocabulary():

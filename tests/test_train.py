@@ -91,6 +91,10 @@ def test_two_processes_equal_one_with_the_same_global_batch(data_dir, tmp_path):
     assert l1.keys() == l2.keys() == set(range(1, 7))
     for it in l1:
         assert l1[it] == pytest.approx(l2[it], abs=1e-5)
+    e1, e2 = ([r for r in metrics(tmp_path / run) if "val_loss" in r] for run in ("one", "two"))
+    assert [r["iter"] for r in e1] == [r["iter"] for r in e2] == [4, 6]
+    for r1, r2 in zip(e1, e2):  # the same validation windows, shared out between the two processes
+        assert (r1["train_loss"], r1["val_loss"]) == pytest.approx((r2["train_loss"], r2["val_loss"]), abs=1e-5)
     w1, w2 = weights(tmp_path / "one"), weights(tmp_path / "two")
     for name in w1:
         torch.testing.assert_close(w1[name], w2[name], rtol=0, atol=1e-5)

@@ -3,7 +3,8 @@
 The data is data.dir's train.bin / val.bin, cut into windows of block_size + 1
 tokens (gpt.dataset). A shipped corpus such as data/shakespeare/char is
 prepared from its texts on first use. Evaluation reports the mean loss on a
-fixed set of windows of each split (eval.eval_iters batches).
+fixed set of windows of each split (eval.eval_iters batches of batch.batch_size
+windows, shared out among the processes: the same set on any number of them).
 """
 
 from __future__ import annotations
@@ -96,14 +97,16 @@ class LanguageModeling:
 
     @torch.no_grad()
     def evaluate(self, model, split: str, device, each_batch: Callable) -> dict[str, torch.Tensor]:
-        total = torch.zeros((), device=device)
+        total, windows = torch.zeros((), device=device), 0
         for indices in self.eval_batches[split]:
+            batch = self.data[split].batch(indices if len(indices) else [0], self.T)  # [0]: a stand-in, not counted
             with each_batch():
-                total += model(*to_device(self.data[split].batch(indices, self.T), device))[1].float()
-        return {"loss": total, "batches": torch.tensor(float(len(self.eval_batches[split])), device=device)}
+                total += model(*to_device(batch, device))[1].float() * len(indices)
+            windows += len(indices)
+        return {"loss": total, "windows": torch.tensor(float(windows), device=device)}
 
     def summarize(self, sums: dict[str, dict[str, torch.Tensor]]) -> tuple[dict, str]:
-        metrics = {f"{split}_loss": (s["loss"] / s["batches"]).item() for split, s in sums.items()}
+        metrics = {f"{split}_loss": (s["loss"] / s["windows"]).item() for split, s in sums.items()}
         return metrics, ", ".join(f"{split} loss {metrics[f'{split}_loss']:.4f}" for split in sums)
 
     # ---- checkpoints -----------------------------------------------------------------------------------
