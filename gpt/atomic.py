@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -96,12 +97,17 @@ class DirectoryLock:
         f = open(self.path, "a+")  # never truncated before the lock is ours: the owner's note stays
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:
             f.seek(0)
             owner = f.read().strip()
             f.close()
             raise UserError(f"{what} {directory} is in use by another run ({_describe_owner(owner)}): wait for it "
                             f"to finish or stop it; two runs writing one directory would damage its checkpoints") from None
+        except OSError as e:  # a file system without locks (some network and FUSE mounts)
+            f.close()
+            print(f"note: {what} {directory} cannot be locked ({e.strerror}): nothing stops a second run from "
+                  f"writing there while this one runs", file=sys.stderr)
+            return
         f.seek(0)
         f.truncate()
         f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}))

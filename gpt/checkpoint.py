@@ -124,7 +124,12 @@ def save_checkpoint(state: dict, out_dir: str | Path, *, keep_last: int, is_best
         old.unlink()
     shard_dirs = list(out_dir.glob("ckpt-*.shards"))
     if shard_dirs:  # those no checkpoint file names go: rotated, replaced by a re-save, or orphaned by a kill
-        needed = {_shards_named_by(p) for p in [*out_dir.glob("ckpt*.pt"), out_dir / BEST] if p.is_file()}
+        try:
+            needed = {_shards_named_by(p) for p in [*out_dir.glob("ckpt*.pt"), out_dir / BEST] if p.is_file()}
+        except Exception as e:  # a file we cannot read may name any of them: remove none
+            print(f"note: a checkpoint file in {out_dir} cannot be read ({type(e).__name__}): old shard "
+                  f"directories are kept until it is removed")
+            needed = {d.name for d in shard_dirs}
         for old in shard_dirs:
             if old.name not in needed:
                 shutil.rmtree(old)
@@ -324,6 +329,21 @@ def network_from_checkpoint(ckpt: dict) -> nn.Module:
     return backbone
 
 
+def hf_language_model(name_or_dir: str | Path, **overrides) -> tuple[GPT, Tokenizer]:
+    """A Hugging Face GPT-2 (gpt.hf.load_pretrained; overrides: dropout, ...) and its tokenizer: the
+    one gpt.hf.save_pretrained recorded beside the weights, else GPT-2's. A model whose vocabulary
+    is not that tokenizer's is refused (its ids would be read as other tokens)."""
+    model, spec = load_pretrained(name_or_dir, **overrides)
+    tokenizer = get_tokenizer("gpt2") if spec is None else from_spec(spec)
+    if tokenizer.vocab_size != model.config.vocab_size:
+        which = (f"GPT-2's tokenizer (no {TOKENIZER_FILE} names another)" if spec is None
+                 else f"the tokenizer in its {TOKENIZER_FILE}")
+        raise UserError(f"{name_or_dir} holds a model of {model.config.vocab_size:,} token ids, but {which} has "
+                        f"{tokenizer.vocab_size:,}: read a model of ours from its run directory (--out_dir), or "
+                        f"export it with gpt.hf.save_pretrained(model, dir, tokenizer)")
+    return model, tokenizer
+
+
 def add_model_options(parser, ckpt_default: str, out_dir_default: str | None = None) -> None:
     """The command-line options that name a language model: ours (--out_dir, --ckpt) or a
     Hugging Face GPT-2 (--init_from). Read them back with load_language_model.
@@ -349,14 +369,7 @@ def load_language_model(args, device=None) -> tuple[GPT, Tokenizer, str | None]:
         if given:
             raise UserError(f"--init_from and {' and '.join(given)} both name the model: give --init_from for a "
                             f"Hugging Face model, or {' and '.join(given)} for a run of ours, not both")
-        model, spec = load_pretrained(args.init_from)
-        tokenizer = get_tokenizer("gpt2") if spec is None else from_spec(spec)
-        if tokenizer.vocab_size != model.config.vocab_size:
-            which = (f"GPT-2's tokenizer (no {TOKENIZER_FILE} names another)" if spec is None
-                     else f"the tokenizer in its {TOKENIZER_FILE}")
-            raise UserError(f"{args.init_from} holds a model of {model.config.vocab_size:,} token ids, but {which} has "
-                            f"{tokenizer.vocab_size:,}: read a model of ours from its run directory (--out_dir), or "
-                            f"export it with gpt.hf.save_pretrained(model, dir, tokenizer)")
+        model, tokenizer = hf_language_model(args.init_from)
         return model.to(device).eval(), tokenizer, None
     out_dir = args.model_defaults["out_dir"] if args.out_dir is None else args.out_dir
     if not out_dir:

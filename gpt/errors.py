@@ -99,8 +99,8 @@ def exit_on_user_error(main: F) -> F:
         except KeyboardInterrupt:
             print(file=sys.stderr)
             sys.exit(130)
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every process exits 2, one of them says why
-            print(f"error: {message}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0" or os.environ.get("WORLD_SIZE", "1") == "1":  # under torchrun
+            print(f"error: {message}", file=sys.stderr)  # every process exits 2, the first says why
         sys.exit(2)
 
     return wrapper  # type: ignore[return-value]

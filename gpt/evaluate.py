@@ -26,7 +26,7 @@ trained at 128 measures length extrapolation.
 
 Every setting is checked before anything is evaluated: the stride against every
 context, the outputs, and the memory a batch of the longest windows will take
-(estimated from what gpt/model.py allocates; see forward_bytes).
+(gpt.model.forward_bytes: what the model allocates).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from gpt.atomic import atomic_path, check_outputs
 from gpt.checkpoint import add_model_options, load_language_model
 from gpt.dataset import TokenDataset
 from gpt.errors import ArgumentParser, UserError, exit_on_user_error
-from gpt.model import GPT, GPTConfig
+from gpt.model import GPT, forward_bytes
 from gpt.system import (Processes, all_reduce_sum, autocast, check_memory, finish_processes, pick_device, pick_dtype,
                         start_processes)
 from gpt.tokenizer import Tokenizer, from_spec
@@ -205,35 +205,6 @@ def print_table(results: list[Result]) -> None:
 # ---- memory -------------------------------------------------------------------------------------------
 
 
-def forward_bytes(config: GPTConfig, batch: int, T: int, dtype: torch.dtype = torch.float32, *,
-                  explicit: bool = False) -> int:
-    """About the most memory, beyond the weights, that a forward pass without gradients
-    (GPT.hidden_states) of `batch` sequences of T tokens holds at once, counted from what
-    gpt/model.py allocates (dtype: the autocast dtype, float32 without autocast):
-
-    - the attention mask, where plain causal attention has none (an attention window, ALiBi):
-      GPT.attention_mask builds the (T, T) key distances (int64) and boolean masks, with ALiBi
-      two (n_head, T, T) float32 biases, and keeps one; the fused kernel makes up to two copies
-      of it in `dtype` per layer (a boolean mask as numbers, padded to an aligned length);
-    - one block's activations: the residual stream, q, k, v, the MLP's 4 x n_embd: ~12 x B x T x C;
-    - explicit=True (GPT.attention_probabilities, the explicit path of gpt.inspect): each layer's
-      (B, n_head, T, T) float32 scores and probabilities, and those of every layer kept, then
-      stacked: 8 x n_layer x B x n_head x T x T bytes at the end, plus the causal (T, T) mask.
-    """
-    square, elem = T * T, dtype.itemsize
-    alibi = config.position == "alibi"
-    if config.attention_window or alibi:
-        heads = config.n_head if alibi else 1
-        built = 10 * square + (8 * heads * square if alibi else 0)  # distances, boolean masks, ALiBi biases
-        kept = (4 * heads if alibi else 1) * square
-        mask = max(built, kept + (0 if explicit else 2 * elem * heads * square))
-    else:
-        mask = 2 * square if explicit else 0  # the explicit path builds the causal mask; SDPA needs none
-    activations = 12 * batch * T * config.n_embd * 4
-    probabilities = 8 * config.n_layer * batch * config.n_head * square if explicit else 0
-    return mask + activations + probabilities
-
-
 def check_plan(model: GPT, sets: list[tuple[str, np.ndarray]], contexts: list[int], stride: int | None, batch_size: int,
                device: torch.device, dtype: torch.dtype) -> None:
     """Refuse, before anything is evaluated, what evaluate_tokens would refuse for any set and
@@ -294,12 +265,14 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"--text evaluates the files given, so {' and '.join(ignored)} would be ignored: give "
                         f"--text, or {' and '.join(ignored)}, not both")
 
+    plot_path = None if args.plot is None else Path(args.plot or Path(args.out_dir or ".") / "evaluation.png")
+    if not args.out_dir or Path(args.out_dir).is_dir():  # (a missing run: loading the model says so)
+        check_outputs([(option, path) for option, path in (("--json", args.json), ("--plot", plot_path)) if path])
+
     device = pick_device(args.device)
     procs = start_processes(device)
     dtype = pick_dtype(args.dtype, device)
     model, tok, run_data = load_language_model(args, device)
-    plot_path = None if args.plot is None else Path(args.plot or Path(args.out_dir or ".") / "evaluation.png")
-    check_outputs([(option, path) for option, path in (("--json", args.json), ("--plot", plot_path)) if path])
     contexts = _contexts(args.context, model.max_context(), model.config.block_size)
     sets = token_sets(args, tok, run_data)
     check_plan(model, sets, contexts, args.stride, args.batch_size, device, dtype)

@@ -12,7 +12,8 @@ run.init_from is one of:
     resume             the run in run.out_dir, from its ckpt.pt (the checkpoint's architecture)
     a run directory    a language model of ours (best.pt, else ckpt.pt), or a .pt file
     gpt2 ... gpt2-xl   Hugging Face GPT-2 weights (a hub id or owner/name: needs the network;
-                       or a local directory), with GPT-2's tokenizer
+                       or a local directory), with GPT-2's tokenizer, or the one that
+                       gpt.hf.save_pretrained recorded beside an export of ours
 
 Model settings written in the config must agree with weights loaded from
 elsewhere (the one line names the field), except model.dropout, which may change,
@@ -29,13 +30,13 @@ from typing import Callable
 
 import torch
 
-from gpt.checkpoint import (BEST, LATEST, check_task, find_checkpoint, gpt_from_checkpoint, load_checkpoint,
-                            load_weights)
+from gpt.checkpoint import (BEST, LATEST, check_task, find_checkpoint, gpt_from_checkpoint, hf_language_model,
+                            load_checkpoint, load_weights)
 from gpt.errors import UserError
-from gpt.hf import HUB_MODELS, from_pretrained
+from gpt.hf import HUB_MODELS
 from gpt.model import GPT, GPTConfig
 from gpt.system import check_fits
-from gpt.tokenizer import Tokenizer, from_spec, get_tokenizer
+from gpt.tokenizer import Tokenizer, from_spec
 
 @dataclass
 class Start:
@@ -92,8 +93,8 @@ def initial_model(cfg, *, scratch_tokenizer: Callable[[], Tokenizer], vocab_sour
         note(f"backbone: the language model in {path} (iteration {ckpt['iter']})")
         return Start(_checked(model, cfg, str(path)), from_spec(ckpt["tokenizer"]), None, str(path))
 
-    model = from_pretrained(init, dropout=cfg.model.dropout)  # Hugging Face GPT-2
-    return Start(_checked(model, cfg, init), get_tokenizer("gpt2"), None, init)
+    model, tokenizer = hf_language_model(init, dropout=cfg.model.dropout)  # Hugging Face GPT-2 (or an export of ours)
+    return Start(_checked(model, cfg, init), tokenizer, None, init)
 
 
 def init_kind(init: str, scratch_if_missing: bool = False) -> str:

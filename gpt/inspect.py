@@ -35,8 +35,7 @@ from gpt.atomic import check_outputs
 from gpt.checkpoint import add_model_options, load_language_model
 from gpt.dataset import TokenDataset
 from gpt.errors import ArgumentParser, UserError, exit_on_user_error
-from gpt.evaluate import forward_bytes
-from gpt.model import GPT
+from gpt.model import GPT, forward_bytes
 from gpt.system import check_memory, pick_device
 from gpt.tokenizer import Tokenizer
 
@@ -138,11 +137,13 @@ def main(argv: list[str] | None = None) -> None:
     if not args.prompt:
         raise UserError("--prompt is empty: give the text whose attention to draw")
 
-    device = pick_device(args.device)
-    model, tok, run_data = load_language_model(args, device)
     picture = Path(args.out or Path(args.out_dir or ".") / "attention.png")
     summary_picture = picture.with_name("attention_summary.png")
-    check_outputs([("--out", picture)] + ([("--summary (beside --out)", summary_picture)] if args.summary else []))
+    if not args.out_dir or Path(args.out_dir).is_dir():  # (a missing run: loading the model says so)
+        check_outputs([("--out", picture)] + ([("--summary (beside --out)", summary_picture)] if args.summary else []))
+
+    device = pick_device(args.device)
+    model, tok, run_data = load_language_model(args, device)
     layers = _pick(args.layers, model.config.n_layer, "layers")
     heads = _pick(args.heads, model.config.n_head, "heads")
     ids = tok.encode(args.prompt)

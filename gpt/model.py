@@ -31,7 +31,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from gpt.errors import UserError
-from gpt.positions import POSITIONS, alibi_slopes, apply_rope, rope_angles, rope_inverse_frequencies, sinusoidal
+from gpt.positions import POSITIONS, alibi_slopes, apply_rope, rope_angles, sinusoidal
 from gpt.system import device_peak_flops
 
 NORMS = ("layernorm", "rmsnorm")
@@ -79,14 +79,10 @@ class GPTConfig:
         if self.position == "rope" and self.head_dim % 2:
             raise UserError(f"position = 'rope' rotates pairs of dimensions, but the head dimension "
                             f"n_embd / n_head = {self.head_dim} is odd: make it even")
-        if not self.rope_base > 0:
-            raise UserError(f"rope_base must be positive, got {self.rope_base!r}")
-        if self.position == "rope":  # the angles of positions 1 and block_size - 1, as rope_angles computes them
-            inv_freq = rope_inverse_frequencies(self.head_dim, self.rope_base)
-            if not torch.stack([inv_freq, inv_freq * (self.block_size - 1)]).isfinite().all():
-                raise UserError(f"rope_base = {self.rope_base!r} makes RoPE's angles overflow float32 (head dimension "
-                                f"{self.head_dim}, positions up to {self.block_size - 1}): use a base from about 100 "
-                                f"to 1e6 (10000 is the usual one)")
+        if not self.rope_base > 1:  # frequencies base^(-2i/D) must fall from pair to pair; below 1 they grow
+            raise UserError(f"rope_base must be greater than 1, got {self.rope_base!r}: at or below 1 RoPE's rotation "
+                            f"frequencies do not fall from one dimension pair to the next (and overflow below 1); "
+                            f"10000 is the usual base, 500000 one for long contexts")
         for name in ("attention_window", "n_kv_head"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -390,6 +386,35 @@ class Block(nn.Module):
             return self.ln_2(x + self.mlp(x))
         x = x + self.attn(self.ln_1(x), attn_mask, rope, kv_cache, slots)
         return x + self.mlp(self.ln_2(x))
+
+
+def forward_bytes(config: GPTConfig, batch: int, T: int, dtype: torch.dtype = torch.float32, *,
+                  explicit: bool = False) -> int:
+    """About the most memory, beyond the weights, that a forward pass without gradients
+    (GPT.hidden_states) of `batch` sequences of T tokens holds at once, counted from what
+    this module allocates (dtype: the autocast dtype, float32 without autocast):
+
+    - the attention mask, where plain causal attention has none (an attention window, ALiBi):
+      GPT.attention_mask builds the (T, T) key distances (int64) and boolean masks, with ALiBi
+      two (n_head, T, T) float32 biases, and keeps one; the fused kernel makes up to two copies
+      of it in `dtype` per layer (a boolean mask as numbers, padded to an aligned length);
+    - one block's activations: the residual stream, q, k, v, the MLP's 4 x n_embd: ~12 x B x T x C;
+    - explicit=True (GPT.attention_probabilities, the explicit path of gpt.inspect): each layer's
+      (B, n_head, T, T) float32 scores and probabilities, and those of every layer kept, then
+      stacked: 8 x n_layer x B x n_head x T x T bytes at the end, plus the causal (T, T) mask.
+    """
+    square, elem = T * T, dtype.itemsize
+    alibi = config.position == "alibi"
+    if config.attention_window or alibi:
+        heads = config.n_head if alibi else 1
+        built = 10 * square + (8 * heads * square if alibi else 0)  # distances, boolean masks, ALiBi biases
+        kept = (4 * heads if alibi else 1) * square
+        mask = max(built, kept + (0 if explicit else 2 * elem * heads * square))
+    else:
+        mask = 2 * square if explicit else 0  # the explicit path builds the causal mask; SDPA needs none
+    activations = 12 * batch * T * config.n_embd * 4
+    probabilities = 8 * config.n_layer * batch * config.n_head * square if explicit else 0
+    return mask + activations + probabilities
 
 
 class GPT(nn.Module):

@@ -155,10 +155,12 @@ class Trainer:
         self.out_dir = Path(cfg.run.out_dir)
         if self.out_dir.exists() and not self.out_dir.is_dir():
             raise UserError(f"run.out_dir {self.out_dir} is a file: name a directory for the run")
-        new = self.procs.is_main and not self.out_dir.exists()
         try:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            self.created_out_dir = new
+            try:
+                self.out_dir.mkdir(parents=True)
+                self.created_out_dir = self.procs.is_main  # this run made it (a failed start removes it)
+            except FileExistsError:
+                pass
             probe = self.out_dir / f".write-test-{os.getpid()}"
             probe.write_bytes(b"")
             probe.unlink()
@@ -581,11 +583,11 @@ class Trainer:
     def _abandon(self) -> None:
         """A set-up that failed: release out_dir, and remove it if this run created it and wrote
         nothing there (a failed start leaves the file system as it was)."""
-        self._release()
-        if self.created_out_dir:
+        if self.created_out_dir and self.lock is not None:  # never a directory another run holds
             leftovers = [p for p in self.out_dir.iterdir() if p.name != DirectoryLock.NAME]
             if not leftovers:
                 shutil.rmtree(self.out_dir, ignore_errors=True)
+        self._release()
 
 
 def _remove(path: Path) -> None:

@@ -158,7 +158,7 @@ TRAIN = [
      "has a single label"),
     ("device that holds no data", lambda c: c.train("--system.device=meta"), "system.device 'meta' is not usable here"),
     ("rope_base that overflows", lambda c: c.train("--model.position=rope", "--model.rope_base=1e-300"),
-     "model.rope_base = 1e-300 makes RoPE's angles overflow float32"),
+     "model.rope_base must be greater than 1, got 1e-300: at or below 1 RoPE's rotation frequencies"),
     ("init_from a learned-position run with a longer block_size",
      lambda c: c.train(f"--run.init_from={c.w['lm']}", "--model.block_size=32"),
      "model.block_size = 32 is longer than the 16 positions of the learned position embeddings, which cannot grow: "
@@ -445,7 +445,7 @@ API = [
     ("SamplingConfig length_penalty nan", lambda tmp, mp: __import__("gpt.sampling").sampling.SamplingConfig(
         num_beams=2, length_penalty=float("nan")), "length_penalty must be a finite number, got nan"),
     ("GPTConfig rope_base", lambda tmp, mp: __import__("gpt").GPTConfig(position="rope", rope_base=1e-300),
-     "rope_base = 1e-300 makes RoPE's angles overflow float32 (head dimension 64, positions up to 1023)"),
+     "rope_base must be greater than 1, got 1e-300"),
     ("set_block_size beyond learned positions", lambda tmp, mp: __import__("gpt").GPT(__import__("gpt").GPTConfig(
         block_size=8, vocab_size=10, n_layer=1, n_head=1, n_embd=8)).set_block_size(16),
      "block_size = 16 is longer than the 8 positions of the learned position embeddings, which cannot grow"),

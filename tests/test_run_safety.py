@@ -358,3 +358,18 @@ def test_a_run_resumed_on_another_number_of_processes_keeps_its_batch_and_valida
     frames = [line for line in refused.stderr.splitlines() if line.strip().startswith("File ")]
     assert not [f for f in frames if "train.py" in f or "/gpt/" in f], frames  # torchrun's own report only
     assert load_checkpoint(odd / "ckpt.pt")["iter"] == 2  # untouched
+
+
+def test_a_file_system_without_locks_is_used_unprotected_with_a_note(tmp_path, monkeypatch, capsys):
+    """Some network and FUSE mounts refuse flock: the run goes on and says it is unprotected,
+    rather than blaming "another run"."""
+    import errno
+
+    import gpt.atomic as atomic
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(atomic.fcntl, "flock", no_locks)
+    DirectoryLock(tmp_path).release()
+    assert "cannot be locked (No locks available): nothing stops a second run" in capsys.readouterr().err

@@ -181,6 +181,21 @@ def test_continued_pretraining_from_a_hugging_face_directory(tmp_path, shakespea
     assert ckpt["model"]["transformer.wpe.weight"].shape == (32, 32)
 
 
+def test_training_from_an_export_of_ours_reads_its_recorded_tokenizer(data_dir, tmp_path):
+    """A char model exported with gpt.hf.save_pretrained(model, dir, tokenizer) trains on on char
+    data through run.init_from=DIR (its ids are read as char tokens, not GPT-2's)."""
+    from gpt.checkpoint import load_model
+    from gpt.hf import save_pretrained
+
+    train.main(args(data_dir, tmp_path / "run", "--max_iters=2"))
+    model, tokenizer, _ = load_model(tmp_path / "run" / "ckpt.pt")
+    save_pretrained(model, tmp_path / "hf", tokenizer)
+    more = [a for a in args(data_dir, tmp_path / "more", "--max_iters=2", f"--run.init_from={tmp_path / 'hf'}")
+            if not a.startswith("--model.vocab_multiple")]  # an HF directory pads the vocabulary its own way
+    train.main(more)
+    assert load_checkpoint(tmp_path / "more" / "ckpt.pt")["tokenizer"] == tokenizer.spec()
+
+
 def test_loss_plot_and_the_note_without_matplotlib(data_dir, tmp_path, capsys, monkeypatch):
     pytest.importorskip("matplotlib", reason="matplotlib is not installed (pip install matplotlib)")
     out = tmp_path / "run"
