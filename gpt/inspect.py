@@ -10,7 +10,11 @@ position j when computing its next-token prediction. Every row sums to 1; the
 upper triangle is empty because of the causal mask (a token never sees later
 ones). Look for heads that attend to the previous token (a bright diagonal
 just below the main one), to the first token (a bright first column: a place to
-"park" attention), or to earlier copies of the current token (induction heads).
+"park" attention), or to the same token earlier in the text (duplicate-token heads).
+An induction head looks one further: from the current token to the token that
+*followed* an earlier copy of it (at j + 1 where token j equals the current one),
+which it then predicts; it shows on repeated text, as a bright diagonal offset
+from the main one by the length of the repeat.
 
 --summary adds attention_summary.png: three statistics per head over longer text
 (the run's validation data, or --summary_text FILE): the mean attention distance

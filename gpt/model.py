@@ -56,7 +56,7 @@ class GPTConfig:
     rope_base: float = 10000.0  # RoPE: angle of dimension pair i is position * rope_base^(-2i/head_dim)
     norm: str = "layernorm"  # "layernorm" | "rmsnorm" (scale only: no mean, no bias)
     norm_position: str = "pre"  # "pre": x + f(norm(x)) (GPT-2); "post": norm(x + f(x)) (the 2017 Transformer)
-    attention_window: int = 0  # > 0: each token attends to at most this many most recent tokens
+    attention_window: int = 0  # > 0: each token attends to this many tokens: itself and the window - 1 before it
     n_kv_head: int = 0  # key/value heads, shared by groups of query heads; 0 = n_head (1 = multi-query)
 
     def __post_init__(self):
@@ -546,7 +546,9 @@ class GPT(nn.Module):
         x = self.transformer.wte(idx)
         if self.config.position == "learned":
             return x + self.transformer.wpe(pos)
-        if self.config.position == "sinusoidal":  # √C brings N(0, 0.02) embeddings near the table's scale
+        # √C scales the N(0, 0.02) token embeddings to std 0.02·√C (0.23 at C = 128, 0.55 at C = 768), still
+        # below the sine table's RMS of 0.71; the paper paired √d with embeddings initialised at d^-1/2
+        if self.config.position == "sinusoidal":
             return x * math.sqrt(self.config.n_embd) + sinusoidal(pos, self.config.n_embd).to(x.dtype)
         return x
 
@@ -635,7 +637,8 @@ class GPT(nn.Module):
         return n
 
     def flops_per_token(self, seq_len: int | None = None) -> int:
-        """Training FLOPs per token (forward + backward): 6N + 12·L·H·Q·T (PaLM, appendix B)."""
+        """Training FLOPs per token (forward + backward): 6N + 12·L·H·Q·T (PaLM, appendix B), with
+        N = num_params(non_embedding=True), L layers, H heads of Q dimensions, T tokens of context."""
         cfg = self.config
         T = seq_len or cfg.block_size
         return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * T

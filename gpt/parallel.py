@@ -26,7 +26,7 @@ where the model lives:
 Activation checkpointing (system.activation_checkpointing = "blocks") keeps only
 each block's input during the forward pass and recomputes the block during
 backward: activation memory of one block instead of all of them, for about a
-third more compute (the modern form of the saving reversible layers aim at). The
+third more compute. The
 results are the same: the recomputation replays the same random numbers.
 
 Checkpoints: DDP runs save whole tensors from the main process; FSDP runs save

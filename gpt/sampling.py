@@ -144,7 +144,8 @@ class SamplingConfig:
     num_beams: int = _setting(1, int, "> 1: beam search with this many beams (deterministic; temperature is "
                                       "not used)")
     length_penalty: float = _setting(1.0, float, "beam search: finished texts are scored sum log p / "
-                                                 "length ** length_penalty (> 0 favours longer ones)")
+                                                 "length ** length_penalty, length = the tokens generated "
+                                                 "(eos included, prompt not) (> 0 favours longer ones)")
     early_stopping: bool | str = _setting(False, str, "beam search: true (stop once num_beams texts are "
                                                       "finished), false (stop when none can get better, by "
                                                       "a heuristic) or never (by the exact bound)")
@@ -419,7 +420,8 @@ def beam_search(model: GPT, idx: torch.Tensor, max_new_tokens: int, sampling: Sa
 
     Each step extends every running beam by every token and keeps the 2 x num_beams best
     continuations by summed log-probability: those ending in eos_token_id (or reaching
-    max_new_tokens) are finished hypotheses, scored sum / length ** length_penalty, and
+    max_new_tokens) are finished hypotheses, scored sum / length ** length_penalty (length: the
+    tokens generated, eos included, prompt not; older transformers counted the prompt), and
     the best num_beams others run on. It stops when no running beam can beat the finished
     ones (early_stopping: False, a heuristic; True, as soon as num_beams are finished;
     "never", the exact bound). Beams are rows of one batch; each step reorders the KV cache

@@ -184,6 +184,7 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 # Dense bf16 tensor-core peaks (FLOP/s, no sparsity) from NVIDIA's datasheets, matched
 # against torch.cuda.get_device_name(); the first match wins, so specific names come first.
 PEAK_BF16_FLOPS = (
+    ("H200 NVL", 835e12),
     ("H200", 989e12),  # H200 SXM, GH200
     ("H100 NVL", 835e12),
     ("H100 PCIe", 756e12),

@@ -402,6 +402,7 @@ def test_parameter_count_of_gpt2_124m_equals_transformers():
         ("NVIDIA H100 PCIe", 756e12),
         ("NVIDIA H100 NVL", 835e12),
         ("NVIDIA H200", 989e12),
+        ("NVIDIA H200 NVL", 835e12),
         ("NVIDIA A100-SXM4-80GB", 312e12),
         ("NVIDIA A100 80GB PCIe", 312e12),
         ("NVIDIA GeForce RTX 3090", None),
