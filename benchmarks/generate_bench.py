@@ -5,7 +5,8 @@
     python benchmarks/generate_bench.py --device cuda --dtype bfloat16
 
 Both implementations get the same randomly initialised GPT-2 weights (the 124M
-shape, or the 6-layer 384-wide character model of the Quickstart), a 32-token
+shape, or a 6-layer 384-wide character model: nanoGPT's Shakespeare shape, larger
+than the Quickstart's 4x128), a 32-token
 prompt, and must produce the same number of new tokens. Runs of ours (eager),
 ours (compiled: compile=True) and transformers are interleaved, after a warm-up
 run each; figures are medians of --repeats runs, steady state. The compiled

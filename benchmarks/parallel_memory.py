@@ -5,9 +5,12 @@
 
 For each setting, trains the same model (random data, a few steps of AdamW) under
 `torchrun --nproc_per_node=2` and reports each process's peak resident set size
-(ru_maxrss) minus what the process held before building the model, and the
-megabytes of tensors it keeps for training after a step (its weights,
-gradients and AdamW state; under FSDP, its shards). One JSON line per setting.
+(ru_maxrss) and its resident set size after the last step, each minus what the
+process held before building the model, and the megabytes of tensors it keeps
+for training after a step (its weights, gradients and AdamW state; under FSDP,
+its shards). One JSON line per setting. "ddp-copy" is DDP without
+gradient_as_bucket_view, for comparison: its all-reduce buckets keep a second
+copy of every gradient, which "held" does not count but the RSS shows.
 """
 
 from __future__ import annotations
@@ -20,11 +23,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-SETTINGS = [("ddp", "none"), ("fsdp", "none"), ("ddp", "blocks"), ("fsdp", "blocks")]
+# "ddp-copy" is DDP as gpt.parallel built it before it passed gradient_as_bucket_view=True: the
+# all-reduce buckets then hold a second copy of every gradient
+SETTINGS = [("ddp-copy", "none"), ("ddp", "none"), ("fsdp", "none"), ("ddp", "blocks"), ("fsdp", "blocks")]
 
 
 def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def resident_mb() -> float:
+    """The resident set size now (Linux), not the peak."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def held_mb(model, optimizer) -> float:
@@ -51,13 +61,16 @@ def worker(args) -> None:
     from gpt.system import start_processes
 
     procs = start_processes(torch.device("cpu"))
-    before = peak_mb()
+    before, before_rss = peak_mb(), resident_mb()
     torch.manual_seed(0)
     config = GPTConfig(block_size=args.block_size, vocab_size=args.vocab_size, n_layer=args.n_layer,
                        n_head=args.n_embd // 64, n_embd=args.n_embd)
     model = GPT(config)
-    system = SystemConfig(parallel=args.parallel, activation_checkpointing=args.checkpointing, compile=False)
-    train_model = parallelize(model, procs, torch.device("cpu"), system, torch.float32)
+    if args.parallel == "ddp-copy":
+        train_model = torch.nn.parallel.DistributedDataParallel(model)  # gradient_as_bucket_view=False
+    else:
+        system = SystemConfig(parallel=args.parallel, activation_checkpointing=args.checkpointing, compile=False)
+        train_model = parallelize(model, procs, torch.device("cpu"), system, torch.float32)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     for _ in range(3):
         idx = torch.randint(0, args.vocab_size, (args.batch_size, args.block_size))
@@ -67,15 +80,17 @@ def worker(args) -> None:
         optimizer.step()
         held = held_mb(model, optimizer)  # weights, gradients and AdamW state this process keeps
         optimizer.zero_grad(set_to_none=True)
-    peaks, helds = [None] * procs.world_size, [None] * procs.world_size
+    peaks, helds, residents = [None] * procs.world_size, [None] * procs.world_size, [None] * procs.world_size
     dist.all_gather_object(peaks, round(peak_mb() - before))
     dist.all_gather_object(helds, round(held))
+    dist.all_gather_object(residents, round(resident_mb() - before_rss))
     if procs.is_main:
         n = sum(p.numel() for p in model.parameters())
         print(json.dumps({"bench": "parallel_memory", "parallel": args.parallel, "activation_checkpointing":
                           args.checkpointing, "processes": procs.world_size, "parameters_M": round(n / 1e6, 1),
                           "batch": args.batch_size, "block_size": args.block_size, "vocab_size": args.vocab_size,
                           "held_MB_per_process": helds, "peak_rss_MB_per_process": peaks,
+                          "rss_after_MB_per_process": residents,
                           "torch": torch.__version__}), flush=True)
     dist.barrier()
     dist.destroy_process_group()

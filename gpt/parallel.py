@@ -11,17 +11,25 @@ are averaged over processes before the optimizer step; the two engines differ in
 where the model lives:
 
 - DDP (system.parallel = "ddp"): each process keeps the whole model, its gradients
-  and the AdamW state: 4 + 4 + 8 = 16 bytes per parameter before activations, so a
-  GPT-2 XL (1.5B) needs ~24 GB per GPU, whatever the number of GPUs.
+  and the AdamW state: 4 + 4 + 8 = 16 bytes per parameter before activations (the
+  gradients are views into DDP's all-reduce buckets, not a second copy), so GPT-2
+  XL (1.558B) needs 24.9 GB per GPU, whatever the number of GPUs.
 - FSDP (system.parallel = "fsdp", PyTorch's fully_shard): each transformer block
   and the rest of the model are sharded over the processes: each keeps 1/N of
   every weight, gradient and optimizer state (16 / N bytes per parameter), gathers
   a block's full weights just before the block runs (forward and backward) and
   frees them after (system.reshard_after_forward = false keeps them from forward to
   backward: faster, more memory). Gradients are reduce-scattered: each process
-  gets the average of its shard. With bf16 (system.dtype), blocks compute in bf16
-  while the sharded master weights and the gradient reduction stay fp32: what
-  autocast means for DDP.
+  gets the average of its shard. With bf16 (system.dtype), FSDP gathers each
+  weight in bf16 (half the traffic of fp32) while the sharded master weights, the
+  optimizer and the gradient reduction stay fp32. That is not quite DDP's autocast:
+  under FSDP the embeddings' output and the residual stream between blocks are
+  bf16 tensors and the norms' weights are rounded to bf16, where DDP keeps them
+  fp32 and rounds only each matmul's inputs. Losses differ by bf16 rounding
+  (tests/test_parallel.py: within 1e-3 over 12 steps of a tiny model, where fp32
+  runs agree within 1e-5). Keeping fp32 weights under FSDP would match DDP exactly,
+  at the price of twice the gather traffic and autocast's bf16 copy of every block's
+  weights held from forward to backward (2 bytes per parameter, unsharded).
 
 Activation checkpointing (system.activation_checkpointing = "blocks") keeps only
 each block's input during the forward pass and recomputes the block during
@@ -93,7 +101,10 @@ def parallelize(model: nn.Module, procs: Processes, device: torch.device, system
     compiled = torch.compile(model) if compile_ else model
     if procs.world_size == 1:
         return compiled
-    return DDP(compiled, device_ids=[procs.local_rank] if device.type == "cuda" else None)
+    # gradient_as_bucket_view: each gradient is a view into DDP's all-reduce bucket, so DDP keeps no
+    # second copy of the gradients (4 bytes per parameter saved; benchmarks/parallel_memory.py)
+    return DDP(compiled, device_ids=[procs.local_rank] if device.type == "cuda" else None,
+               gradient_as_bucket_view=True)
 
 
 def gradient_sync(train_model: nn.Module, enabled: bool):

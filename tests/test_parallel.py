@@ -205,6 +205,32 @@ def test_activation_checkpointing_in_training_gives_the_same_run(data_dir, tmp_p
     assert_same_run(tmp_path / "plain", tmp_path / "ckpt", atol=1e-6)
 
 
+def test_ddp_gradients_are_views_into_its_buckets_not_a_second_copy():
+    from gpt.config import SystemConfig
+    from gpt.parallel import parallelize
+    from gpt.system import Processes
+
+    config = GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32)
+    torch.manual_seed(0)
+    model = GPT(config)
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:  # DDP works on a group of one; Processes says two so that parallelize wraps the model
+        ddp = parallelize(model, Processes(world_size=2), torch.device("cpu"), SystemConfig(compile=False),
+                          torch.float32)
+        assert type(ddp).__name__ == "DistributedDataParallel"
+        idx = torch.randint(0, 50, (2, 16))
+        for _ in range(2):  # the second step after zero_grad(set_to_none=True), as the Trainer does
+            model.zero_grad(set_to_none=True)
+            ddp(idx, targets=idx)[1].backward()
+            grads = [p.grad for p in model.parameters()]
+            storages = {g.untyped_storage().data_ptr(): g.untyped_storage().nbytes() for g in grads}
+            assert len(storages) < len(grads)  # the gradients share DDP's few bucket storages
+            # and those buckets are all the gradient memory there is: 4 bytes per parameter
+            assert sum(storages.values()) == 4 * sum(p.numel() for p in model.parameters())
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 def test_fsdp_shards_every_block_in_place_and_keeps_the_names():
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -243,3 +269,19 @@ def test_fsdp_fine_tunes_a_classifier_like_ddp(tmp_path):
     assert_same_run(tmp_path / "ddp", tmp_path / "fsdp", atol=1e-5)
     for a, b in zip(evals(tmp_path / "ddp"), evals(tmp_path / "fsdp"), strict=True):
         assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-5) and a["accuracy"] == b["accuracy"]
+
+
+@pytest.mark.slow
+def test_fsdp_in_bfloat16_stays_within_bf16_rounding_of_ddp(data_dir, tmp_path):
+    # FSDP gathers bf16 weights, so the embeddings and the residual stream between blocks are bf16;
+    # DDP's autocast keeps weights and the residual stream fp32. Not equal, then (the README says
+    # so: this fails if they become equal), but close: measured 2.7e-4 (loss), 0.0094 (weights)
+    bf16 = ["--max_iters=12", "--system.dtype=bfloat16", *STEPS]
+    train_cli(*args(data_dir, tmp_path / "ddp", *bf16), procs=2)
+    train_cli(*args(data_dir, tmp_path / "fsdp", *bf16, FSDP), procs=2)
+    ddp, fsdp = step_losses(tmp_path / "ddp"), step_losses(tmp_path / "fsdp")
+    gaps = [abs(ddp[it] - fsdp[it]) for it in ddp]
+    assert 0 < max(gaps) < 1e-3
+    wa, wb = weights(tmp_path / "ddp"), weights(tmp_path / "fsdp")
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=0.02)
