@@ -285,3 +285,39 @@ def test_fsdp_in_bfloat16_stays_within_bf16_rounding_of_ddp(data_dir, tmp_path):
     wa, wb = weights(tmp_path / "ddp"), weights(tmp_path / "fsdp")
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=0.02)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_train_like_two_processes_on_one_node_and_resume_on_one(data_dir, tmp_path):
+    """The README's multi-node command on one machine: two torchrun agents as two "nodes" of one
+    process each, meeting at a c10d rendezvous on 127.0.0.1 (gloo), give the losses and weights of
+    two processes on one node; their checkpoint then resumes on one node like a run never stopped."""
+    more = ["--max_iters=6", *STEPS]
+    train_cli(*args(data_dir, tmp_path / "one_node", *more, "--max_iters=8"), procs=2)
+    port = free_port()
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", f"--node_rank={rank}",
+         "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "train.py",
+         *args(data_dir, tmp_path / "two_nodes", *more)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"}) for rank in (0, 1)]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    for node, (out, err) in zip(nodes, outputs):
+        assert node.returncode == 0, f"{out[-2000:]}\n{err[-4000:]}"
+    # one main process, and a world of two processes over the two nodes
+    assert [out.count("tokens per step (4 x 32 x 2 accumulation x 2)") for out, _ in outputs] in ([1, 0], [0, 1])
+    one, two = step_losses(tmp_path / "one_node"), step_losses(tmp_path / "two_nodes")
+    assert list(two) == list(range(1, 7))
+    for it in two:
+        assert two[it] == pytest.approx(one[it], abs=1e-5), it
+    # resumed on one node (two processes): steps 7 and 8 and the final weights of the unbroken run
+    train_cli("--resume", f"--run.out_dir={tmp_path / 'two_nodes'}", "--max_iters=8", procs=2)
+    assert_same_run(tmp_path / "one_node", tmp_path / "two_nodes", atol=1e-5)
