@@ -69,6 +69,18 @@ def head_statistics(probs: torch.Tensor) -> dict[str, np.ndarray]:
     }
 
 
+def statistics_table(stats: dict[str, np.ndarray]) -> str:
+    """head_statistics (averaged) as text: one line per layer and head."""
+    names = list(stats)
+    lines = ["layer  head  " + "  ".join(names)]
+    layers, heads = stats[names[0]].shape
+    for layer in range(layers):
+        for head in range(heads):
+            cells = [f"{stats[name][layer, head]:>{len(name)}.3f}" for name in names]
+            lines.append(f"{layer:>5}  {head:>4}  " + "  ".join(cells))
+    return "\n".join(lines)
+
+
 def _pick(text: str | None, count: int, what: str) -> list[int]:
     if not text:
         return list(range(count))
@@ -166,6 +178,8 @@ def main(argv: list[str] | None = None) -> None:
     if windows is not None:
         per_window = [head_statistics(model.attention_probabilities(w[None]).float().cpu()) for w in windows]
         stats = {name: np.mean([s[name] for s in per_window], axis=0) for name in per_window[0]}
+        print(f"per head, averaged over {len(windows)} windows of {windows.size(1)} tokens:")
+        print(statistics_table(stats))
         plot_attention_summary(stats, summary_picture)
 
 
