@@ -330,12 +330,16 @@ class Trainer:
         handlers = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             self._loop()
+            self.train_model = self.model  # DDP's wrapper (and its reducer) goes before the process group
             finish_processes()  # leave together: no process tears down while another still talks
         finally:
             for s, h in handlers.items():
                 signal.signal(s, h)
             if self.wandb is not None:
                 self.wandb.finish()
+            # DDP's reducer holds the process group and threads of its own: let it go first, so that
+            # nothing of gloo is torn down from an interpreter-exit destructor
+            self.train_model = self.model
             if torch.distributed.is_initialized():
                 torch.distributed.destroy_process_group()
             self._release()
