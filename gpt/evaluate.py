@@ -227,7 +227,7 @@ def check_plan(model: GPT, sets: list[tuple[str, np.ndarray]], contexts: list[in
 # ---- command line -------------------------------------------------------------------------------------
 
 
-def _contexts(text: str | None, limit: int | None, default: int) -> list[int]:
+def _contexts(text: str | None, limit: int | None, default: int, why: str = "learned position embeddings") -> list[int]:
     try:
         contexts = [int(c) for c in text.split(",")] if text else [default]
     except ValueError:
@@ -236,9 +236,9 @@ def _contexts(text: str | None, limit: int | None, default: int) -> list[int]:
         if c < 1:
             raise UserError(f"--context={c} must be at least 1 token")
         if limit is not None and c > limit:
-            raise UserError(f"--context={c} is longer than this model can read: its learned position embeddings "
-                            f"cover block_size = {limit} positions; use at most {limit} (models with "
-                            f"position = sinusoidal, rope, alibi or none read any length)")
+            raise UserError(f"--context={c} is longer than this model can read: its {why} cover block_size = "
+                            f"{limit} positions; use at most {limit} (models with position = sinusoidal, rope, alibi "
+                            f"or none and no Synthesizer read any length)")
     return contexts
 
 
@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
     procs = start_processes(device)
     dtype = pick_dtype(args.dtype, device)
     model, tok, run_data = load_language_model(args, device)
-    contexts = _contexts(args.context, model.max_context(), model.config.block_size)
+    contexts = _contexts(args.context, model.max_context(), model.config.block_size, model.context_limit())
     sets = token_sets(args, tok, run_data)
     check_plan(model, sets, contexts, args.stride, args.batch_size, device, dtype)
     byte_lengths = tok.byte_lengths()

@@ -216,7 +216,8 @@ def state_dict_from_hf(hf_state: dict[str, torch.Tensor], config: GPTConfig) -> 
 def not_gpt2(config: GPTConfig) -> list[str]:
     """The architecture switches set away from GPT-2's, as 'field = value' (empty for a GPT-2)."""
     gpt2 = GPTConfig()
-    fields = ("position", "norm", "norm_position", "attention_window")
+    fields = ("position", "norm", "norm_position", "attention_window", "attention_pattern", "attention_stride",
+              "attention", "attention_scale", "block")
     changed = [f"{f} = {getattr(config, f)!r}" for f in fields if getattr(config, f) != getattr(gpt2, f)]
     if config.kv_heads != config.n_head:
         changed.append(f"n_kv_head = {config.n_kv_head}")

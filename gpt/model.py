@@ -1,14 +1,15 @@
 """The GPT model: a decoder-only transformer in the shape of GPT-2.
 
-Read top to bottom: GPTConfig (the hyperparameters), KVCache (keys and values
-kept between decoding steps), CausalSelfAttention, MLP, Block, and GPT, which
+Read top to bottom: GPTConfig (the hyperparameters), MLP, Block, and GPT, which
 ties them together and adds the loss, parameter and FLOP counts and MFU; then
 GPTClassifier (a GPT with a classification head) and pad_sequences (a batch of
-token lists of different lengths and its attention mask).
+token lists of different lengths and its attention mask). The attention layers
+and the KV cache they keep between decoding steps are in gpt/attention.py.
 
 The defaults are GPT-2 exactly. Switches in GPTConfig turn on the ideas that came
 after it: other position encodings (gpt/positions.py explains each), RMSNorm,
-post-norm blocks, local (windowed) attention and grouped-query attention.
+post-norm blocks, local (windowed), sparse and grouped-query attention, other
+attention mechanisms and scales, and the gated attention unit (gpt/attention.py).
 
 This module knows nothing of training, files, tokenizers or other formats: it
 is the network alone. Module and parameter names follow GPT-2
@@ -30,8 +31,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from gpt.attention import (ATTENTIONS, BLOCKS, GAU_KEY_DIM, LINEAR_CHUNK, PATTERNS, SCALES, SYNTHESIZERS, AttentionContext,
+                           GatedAttentionUnit, KVCache, Linear, SynthesizerAttention, attention_layer, visible_by_pattern)
 from gpt.errors import UserError
-from gpt.positions import POSITIONS, alibi_slopes, apply_rope, rope_angles, sinusoidal
+from gpt.positions import POSITIONS, alibi_slopes, rope_angles, sinusoidal
 from gpt.system import device_peak_flops
 
 NORMS = ("layernorm", "rmsnorm")
@@ -58,6 +61,12 @@ class GPTConfig:
     norm_position: str = "pre"  # "pre": x + f(norm(x)) (GPT-2); "post": norm(x + f(x)) (the 2017 Transformer)
     attention_window: int = 0  # > 0: each token attends to this many tokens: itself and the window - 1 before it
     n_kv_head: int = 0  # key/value heads, shared by groups of query heads; 0 = n_head (1 = multi-query)
+    # sparse patterns (masks): "dense" | "dilated" (keys k, 2k, ... back) | "strided" (k recent + every k-th)
+    attention_pattern: str = "dense"
+    attention_stride: int = 0  # k of the sparse patterns
+    attention: str = "softmax"  # | "linear" | "synthesizer_dense" | "synthesizer_random" | ... (gpt/attention.py)
+    attention_scale: str = "sqrt_d"  # scores x 1/sqrt(head_dim) | "one" (unscaled) | "logn" (x log n / log block_size)
+    block: str = "transformer"  # attention + MLP | "gau": one gated attention unit per layer
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "vocab_multiple"):
@@ -73,10 +82,13 @@ class GPTConfig:
             raise UserError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if not self.layer_norm_eps > 0:
             raise UserError(f"layer_norm_eps must be positive, got {self.layer_norm_eps!r}")
-        for name, allowed in (("position", POSITIONS), ("norm", NORMS), ("norm_position", NORM_POSITIONS)):
+        for name, allowed in (("position", POSITIONS), ("norm", NORMS), ("norm_position", NORM_POSITIONS),
+                              ("attention", ATTENTIONS), ("attention_scale", SCALES),
+                              ("attention_pattern", PATTERNS), ("block", BLOCKS)):
             if getattr(self, name) not in allowed:
                 raise UserError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {getattr(self, name)!r}")
-        if self.position == "rope" and self.head_dim % 2:
+        self._check_mechanism()
+        if self.position == "rope" and self.rope_dim % 2:
             raise UserError(f"position = 'rope' rotates pairs of dimensions, but the head dimension "
                             f"n_embd / n_head = {self.head_dim} is odd: make it even")
         if not self.rope_base > 1:  # frequencies base^(-2i/D) must fall from pair to pair; below 1 they grow
@@ -91,6 +103,40 @@ class GPTConfig:
             raise UserError(f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head}): each key/value "
                             f"head serves an equal group of query heads")
 
+    def _check_mechanism(self) -> None:
+        """The combinations of the attention switches that cannot work, each refused in one line."""
+        stride = self.attention_stride
+        if isinstance(stride, bool) or not isinstance(stride, int):
+            raise UserError(f"attention_stride must be a whole number, got {stride!r}")
+        if self.attention_pattern != "dense" and stride < 1:
+            raise UserError(f"attention_pattern = {self.attention_pattern!r} needs attention_stride >= 1 (k: every "
+                            f"k-th key), got {stride}")
+        if self.attention_pattern == "dense" and stride:
+            raise UserError(f"attention_stride = {stride} applies to attention_pattern = 'dilated' or 'strided' "
+                            f"only: set one of them, or leave attention_stride at 0")
+        what = "block = 'gau'" if self.block == "gau" else f"attention = {self.attention!r}"
+        if self.block == "gau" or self.attention != "softmax":
+            if self.block == "gau" and self.attention != "softmax":
+                raise UserError(f"block = 'gau' brings its own attention (relu², one head): leave attention = "
+                                f"'softmax', not {self.attention!r}")
+            if self.n_kv_head and self.n_kv_head != self.n_head:
+                raise UserError(f"n_kv_head shares the keys and values of softmax attention's heads; {what} has "
+                                f"none to share: leave n_kv_head at 0")
+            if self.position == "alibi":
+                raise UserError(f"position = 'alibi' biases softmax attention scores; {what} cannot take it: use "
+                                f"position = 'learned', 'sinusoidal', 'rope' or 'none'")
+        if self.attention == "linear" or self.attention in SYNTHESIZERS:
+            if self.position == "rope":
+                raise UserError(f"position = 'rope' rotates queries and keys before their product, which "
+                                f"{what} does not form that way: use position = 'learned', 'sinusoidal' or 'none'")
+        if self.attention == "linear" and (self.attention_window or self.attention_pattern != "dense"):
+            raise UserError("attention = 'linear' keeps one running sum of all earlier tokens: it cannot take an "
+                            "attention_window or a sparse attention_pattern")
+        scored = self.block == "transformer" and self.attention in ("softmax", "synthesizer_random+softmax")
+        if self.attention_scale != "sqrt_d" and not scored:
+            raise UserError(f"attention_scale scales softmax attention's q·k; {what} has no such scores to scale: "
+                            f"leave attention_scale = 'sqrt_d'")
+
     @property
     def padded_vocab_size(self) -> int:
         return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
@@ -104,242 +150,47 @@ class GPTConfig:
         return self.n_kv_head or self.n_head
 
     @property
+    def rope_dim(self) -> int:
+        """The width RoPE rotates: a head's, or the GAU's shared query/key width."""
+        return GAU_KEY_DIM if self.block == "gau" else self.head_dim
+
+    @property
     def extrapolates(self) -> bool:
-        """Whether the position scheme is defined at any length (all but learned positions)."""
-        return self.position != "learned"
+        """Whether the model is defined at any length: not with learned positions, nor with a
+        Synthesizer (its weights have a row or column per position up to block_size)."""
+        return self.position != "learned" and self.attention not in SYNTHESIZERS
+
+    @property
+    def counts_keys(self) -> bool:
+        """Whether attention needs the number of keys each query sees (log-n scaling, the GAU's 1/n)."""
+        return self.attention_scale == "logn" or self.block == "gau"
 
     def parameter_count(self) -> int:
-        """The numbers GPT(config) allocates (padded vocabulary included), without allocating."""
-        C, b = self.n_embd, int(self.bias)
-        kv = 2 * self.kv_heads * self.head_dim
+        """The parameters GPT(config) allocates (padded vocabulary included), without allocating.
+        (A fixed Synthesizer's frozen matrix is a buffer, not a parameter: n_head x block_size².)"""
+        C, b, H, N = self.n_embd, int(self.bias), self.n_head, self.block_size
+
+        def linear(n_in, n_out):
+            return n_in * n_out + n_out * b
+
         norm = C * (1 + b) if self.norm == "layernorm" else C
-        attention = C * (C + kv) + (C + kv) * b + C * C + C * b
-        block = 2 * norm + attention + (4 * C * C + 4 * C * b) + (4 * C * C + C * b)
-        positions = self.block_size * C if self.position == "learned" else 0
+        if self.block == "gau":
+            s = GAU_KEY_DIM
+            block = norm + linear(C, 4 * C) + linear(C, s) + 4 * s + linear(2 * C, C)
+        else:
+            kv = 2 * self.kv_heads * self.head_dim
+            attention = linear(C, C + kv) + linear(C, C)
+            if self.attention in SYNTHESIZERS:
+                mixed = self.attention == "synthesizer_random+softmax"
+                attention = linear(C, 3 * C if mixed else C) + linear(C, C) + (H if mixed else 0)
+                if self.attention == "synthesizer_dense":
+                    attention += linear(C, C) + linear(C, H * N)
+                elif self.attention != "synthesizer_random_fixed":
+                    attention += H * N * N
+            block = 2 * norm + attention + linear(C, 4 * C) + linear(4 * C, C)
+        positions = N * C if self.position == "learned" else 0
         final_norm = norm if self.norm_position == "pre" else 0
         return self.padded_vocab_size * C + positions + self.n_layer * block + final_norm
-
-
-class KVCache:
-    """Keys and values of every layer for the tokens seen so far, preallocated to `length`
-    slots (default block_size; models whose positions extrapolate may ask for more, and
-    contrastive search adds spare slots for its candidates: GPT.new_kv_cache).
-    With grouped-query attention it holds the n_kv_head key/value heads only.
-
-    Every row has the same slots. `pos` (B, length) holds the position id of the token
-    in each slot, -1 where a slot is empty or holds padding (the left padding of a
-    mixed-length batch): attention reads the positions, so a query sees exactly the
-    real tokens before it, and nothing in a row depends on the other rows' padding.
-    `next_pos` (B,) is the position id of each row's next token (its count of real tokens).
-
-    The cache never changes shape while decoding: `claim` reserves slots for new tokens
-    and returns their positions and slot numbers as tensors, and `static = True` makes
-    attention read all slots (empty ones are masked out), so one decoding step has the
-    same shapes as the next and can be compiled once (see gpt.sampling).
-
-    Rows can be repeated and selected (`repeat_rows`, `select_rows`: one prompt's cache
-    for several samples; beams reordered), and contrastive search writes its candidates
-    to spare slots and keeps the winner (`claim_candidates`, `keep_candidate`).
-    `KVCache.nbytes` tells the memory a cache takes before it is allocated.
-    """
-
-    def __init__(self, config: GPTConfig, batch_size: int, *, length: int | None = None, device=None,
-                 dtype=torch.float32):
-        length = length or config.block_size
-        shape = (config.n_layer, batch_size, config.kv_heads, length, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.pos = torch.full((batch_size, length), -1, device=device, dtype=torch.long)
-        self.next_pos = torch.zeros(batch_size, device=device, dtype=torch.long)
-        self.length = 0  # slots in use (the same for every row)
-        self.has_padding = False
-        self.static = False  # attention reads every slot, not only those in use
-
-    @staticmethod
-    def nbytes(config: GPTConfig, batch_size: int, length: int, dtype: torch.dtype = torch.float32) -> int:
-        """Bytes that a cache of batch_size rows and length slots allocates: keys and values
-        of every layer, and a position id (int64) per slot."""
-        keys_and_values = 2 * config.n_layer * config.kv_heads * config.head_dim * dtype.itemsize
-        return batch_size * length * (keys_and_values + torch.int64.itemsize)
-
-    @property
-    def batch_size(self) -> int:
-        return self.k.size(1)
-
-    @property
-    def capacity(self) -> int:
-        return self.k.size(3)
-
-    @property
-    def span(self) -> int:
-        """How many slots attention reads."""
-        return self.capacity if self.static else self.length
-
-    def _reserve(self, T: int) -> tuple[int, torch.Tensor]:
-        """The first of T free slots, and the T slot numbers as a tensor."""
-        start = self.length
-        if start + T > self.capacity:
-            raise UserError(f"sequence of {start + T} tokens is longer than the model's block_size / the KV cache's "
-                            f"{self.capacity} positions: keep only the last {self.capacity} tokens")
-        self.length += T
-        return start, torch.arange(start, start + T, device=self.pos.device)
-
-    def claim(self, T: int, real: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reserve the next T slots for new tokens; `real` (B, T) marks real tokens (False:
-        padding). Returns their position ids (B, T), -1 for padding, and the slots (T,)."""
-        start, slots = self._reserve(T)
-        if real is None:
-            pos = self.next_pos[:, None] + torch.arange(T, device=slots.device)
-            self.next_pos += T
-        else:
-            pos = torch.where(real, self.next_pos[:, None] + real.cumsum(1) - 1, -1)
-            self.next_pos += real.sum(1)
-            self.has_padding = True
-        self.pos[:, start : start + T] = pos
-        return pos, slots
-
-    def claim_candidates(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reserve k slots for k candidates for each row's next token, all at the row's next
-        position: each sees the row's tokens and itself, not the other candidates.
-        -> positions (B, k), slots (k,)."""
-        start, slots = self._reserve(k)
-        pos = self.next_pos[:, None].expand(-1, k)
-        self.pos[:, start : start + k] = pos
-        self.candidates = k
-        return pos, slots
-
-    def keep_candidate(self, chosen: torch.Tensor) -> None:
-        """After claim_candidates(k) and a forward: keep candidate chosen[b] of each row b in the
-        first of the k slots (one key/value copy per layer and row) and free the others."""
-        k = self.candidates
-        start = self.length - k
-        index = chosen.view(1, -1, 1, 1, 1)
-        for cache in (self.k, self.v):  # (L, B, H, S, D)
-            cache[:, :, :, start : start + 1] = cache[:, :, :, start : start + k].take_along_dim(index, dim=3)
-        self.pos[:, start + 1 : start + k] = -1
-        self.length = start + 1
-        self.next_pos += 1
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor):
-        """Store this step's (B, n_kv_head, T, D) keys/values of one layer in `slots`; return the
-        keys/values of the slots attention reads, (B, n_kv_head, span, D)."""
-        self.k[layer].index_copy_(2, slots, k.to(self.k.dtype))
-        self.v[layer].index_copy_(2, slots, v.to(self.v.dtype))
-        # read back in the compute dtype, so a bf16 cache also serves an fp32 model
-        return self.k[layer, :, :, : self.span].to(k.dtype), self.v[layer, :, :, : self.span].to(v.dtype)
-
-    def select_rows(self, rows: torch.Tensor | list[int]):
-        """Keep the given rows in the given order (repeats allowed): row i becomes old row rows[i].
-        Only the slots in use are copied; with as many rows as before, in place (same storage)."""
-        rows = torch.as_tensor(rows, device=self.k.device, dtype=torch.long)
-        n = self.length  # the rest is never read before it is written
-        if len(rows) == self.batch_size:
-            self.k[:, :, :, :n] = self.k[:, :, :, :n].index_select(1, rows)
-            self.v[:, :, :, :n] = self.v[:, :, :, :n].index_select(1, rows)
-            self.pos.copy_(self.pos[rows])
-            self.next_pos.copy_(self.next_pos[rows])
-            return
-        L, _, H, S, D = self.k.shape
-        k, v = self.k.new_empty(L, len(rows), H, S, D), self.v.new_empty(L, len(rows), H, S, D)
-        torch.index_select(self.k[:, :, :, :n], 1, rows, out=k[:, :, :, :n])  # one copy, no temporary
-        torch.index_select(self.v[:, :, :, :n], 1, rows, out=v[:, :, :, :n])
-        self.k, self.v = k, v
-        self.pos, self.next_pos = self.pos[rows], self.next_pos[rows]
-
-    def repeat_rows(self, n: int):
-        """Each row n times in a row: [a, b] -> [a, a, b, b] for n=2 (like repeat_interleave)."""
-        self.select_rows(torch.arange(self.batch_size, device=self.k.device).repeat_interleave(n))
-
-
-class Linear(nn.Linear):
-    """nn.Linear, with the product of a decoding step on a CPU arranged to use every core.
-
-    Generating one token reads every weight once for a handful of rows, so its speed is
-    how fast the weights stream from memory. For one row, the CPU BLAS (MKL) computes
-    x Wᵀ as a matrix-vector product on a single core; computed as W xᵀ with two or more
-    columns, the same numbers take the multi-threaded matrix-product path, 2-3x faster
-    on a 2-core machine (benchmarks/RESULTS.md, "Generation"). So on a CPU, 1 to 4
-    rows go that way (one row is doubled); everything else is nn.Linear's F.linear.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.size(-1)
-        if not x.is_cpu or rows > 4:
-            return F.linear(x, self.weight, self.bias)
-        x2 = x.reshape(rows, -1)
-        y = self.weight @ (torch.cat([x2, x2]) if rows == 1 else x2).t()  # (out, 2 or rows)
-        y = y[:, :rows].t()
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)  # under autocast y is bf16, like F.linear's output
-        return y.contiguous().view(*x.shape[:-1], -1)  # row-major, as attention kernels want
-
-
-class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention. With n_kv_head < n_head (grouped-query attention),
-    each key/value head is shared by n_head / n_kv_head query heads: fewer keys and values
-    to compute and, above all, to keep in the KV cache while decoding."""
-
-    def __init__(self, config: GPTConfig, layer: int):
-        super().__init__()
-        self.layer = layer  # index into the KV cache
-        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
-        self.dropout = config.dropout
-        kv = 2 * self.n_kv_head * self.head_dim
-        self.c_attn = Linear(config.n_embd, config.n_embd + kv, bias=config.bias)  # fused q, k, v
-        self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.resid_dropout = nn.Dropout(config.dropout)
-        self.keep_probs = False  # inspection: compute attention explicitly and keep the probabilities
-        self.probs: torch.Tensor | None = None  # (B, H, T, S), when keep_probs
-
-    def forward(self, x, attn_mask=None, rope=None, kv_cache: KVCache | None = None, slots=None):
-        """x (B, T, C). attn_mask: see GPT.attention_mask. rope: (cos, sin) of the new positions
-        (RoPE only). kv_cache, slots: where this step's keys and values go (see GPT.decode); the
-        cache stores keys after rotation, so they are rotated once."""
-        B, T, C = x.shape
-        H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
-        q, k, v = self.c_attn(x).split([C, Hkv * D, Hkv * D], dim=-1)
-        q, k, v = q.view(B, T, H, D).transpose(1, 2), k.view(B, T, Hkv, D).transpose(1, 2), v.view(B, T, Hkv, D).transpose(1, 2)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if kv_cache is not None:
-            k, v = kv_cache.update(self.layer, k, v, slots)  # (B, Hkv, S, D)
-        if Hkv != H:  # each key/value head serves H / Hkv consecutive query heads
-            k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
-        y = self.attend(q, k, v, attn_mask)
-        y = y.transpose(1, 2).reshape(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
-
-    def attend(self, q, k, v, attn_mask):
-        """softmax(q kᵀ / √D + mask) v, by PyTorch's fused kernels (flash / memory-efficient on GPU).
-
-        attn_mask None means plain causal attention; else a boolean mask (True = may attend)
-        or, with ALiBi, a float bias added to the scores (-inf = may not attend).
-        """
-        if self.keep_probs:
-            return self.attend_explicitly(q, k, v, attn_mask)
-        if attn_mask is not None and attn_mask.is_floating_point():
-            attn_mask = attn_mask.to(q.dtype)  # the fused kernels want the bias in q's dtype (bf16 under autocast)
-        return F.scaled_dot_product_attention(
-            q, k, v,
-            attn_mask=attn_mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=attn_mask is None and q.size(2) > 1,
-        )
-
-    def attend_explicitly(self, q, k, v, attn_mask):
-        """The same attention written out, step by step, keeping the probabilities in self.probs.
-        Slow and memory-hungry (it materialises the (T, S) matrix): for inspection only."""
-        T, S = q.size(-2), k.size(-2)
-        scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, H, T, S)
-        if attn_mask is None:  # causal: query t sees keys up to its own position (S - T + t)
-            attn_mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
-        if attn_mask.is_floating_point():
-            scores = scores + attn_mask
-        else:
-            scores = scores.masked_fill(~attn_mask, float("-inf"))
-        probs = scores.softmax(dim=-1)
-        self.probs = probs.detach()
-        return F.dropout(probs, self.dropout, self.training) @ v
 
 
 class MLP(nn.Module):
@@ -370,22 +221,24 @@ class Block(nn.Module):
     is never normalised, which keeps deep stacks easy to train.
     Post-norm (the 2017 Transformer): ln_1(x + attn(x)), then ln_2(x + mlp(x)); every
     block's output is normalised, and training usually needs a learning-rate warmup.
+    A GAU layer (block = "gau") is the first half alone: its unit does both jobs.
     """
 
     def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
         self.post_norm = config.norm_position == "post"
         self.ln_1 = norm_layer(config)
-        self.attn = CausalSelfAttention(config, layer)
-        self.ln_2 = norm_layer(config)
-        self.mlp = MLP(config)
+        self.attn = attention_layer(config, layer)
+        if config.block == "transformer":
+            self.ln_2 = norm_layer(config)
+            self.mlp = MLP(config)
 
-    def forward(self, x, attn_mask=None, rope=None, kv_cache: KVCache | None = None, slots=None):
+    def forward(self, x, ctx: AttentionContext):
         if self.post_norm:
-            x = self.ln_1(x + self.attn(x, attn_mask, rope, kv_cache, slots))
-            return self.ln_2(x + self.mlp(x))
-        x = x + self.attn(self.ln_1(x), attn_mask, rope, kv_cache, slots)
-        return x + self.mlp(self.ln_2(x))
+            x = self.ln_1(x + self.attn(x, ctx))
+            return self.ln_2(x + self.mlp(x)) if hasattr(self, "mlp") else x
+        x = x + self.attn(self.ln_1(x), ctx)
+        return x + self.mlp(self.ln_2(x)) if hasattr(self, "mlp") else x
 
 
 def forward_bytes(config: GPTConfig, batch: int, T: int, dtype: torch.dtype = torch.float32, *,
@@ -394,18 +247,21 @@ def forward_bytes(config: GPTConfig, batch: int, T: int, dtype: torch.dtype = to
     (GPT.hidden_states) of `batch` sequences of T tokens holds at once, counted from what
     this module allocates (dtype: the autocast dtype, float32 without autocast):
 
-    - the attention mask, where plain causal attention has none (an attention window, ALiBi):
+    - the attention mask, where plain causal attention has none (an attention window or sparse
+      pattern, ALiBi):
       GPT.attention_mask builds the (T, T) key distances (int64) and boolean masks, with ALiBi
       two (n_head, T, T) float32 biases, and keeps one; the fused kernel makes up to two copies
       of it in `dtype` per layer (a boolean mask as numbers, padded to an aligned length);
     - one block's activations: the residual stream, q, k, v, the MLP's 4 x n_embd: ~12 x B x T x C;
     - explicit=True (GPT.attention_probabilities, the explicit path of gpt.inspect): each layer's
       (B, n_head, T, T) float32 scores and probabilities, and those of every layer kept, then
-      stacked: 8 x n_layer x B x n_head x T x T bytes at the end, plus the causal (T, T) mask.
+      stacked: 8 x n_layer x B x n_head x T x T bytes at the end, plus the causal (T, T) mask;
+    - a Synthesizer or GAU layer always forms its (B, heads, T, T) matrix: scores, weights and a
+      temporary, float32, one layer at a time (linear attention's chunks are small).
     """
     square, elem = T * T, dtype.itemsize
     alibi = config.position == "alibi"
-    if config.attention_window or alibi:
+    if config.attention_window or alibi or config.attention_pattern != "dense":
         heads = config.n_head if alibi else 1
         built = 10 * square + (8 * heads * square if alibi else 0)  # distances, boolean masks, ALiBi biases
         kept = (4 * heads if alibi else 1) * square
@@ -414,6 +270,8 @@ def forward_bytes(config: GPTConfig, batch: int, T: int, dtype: torch.dtype = to
         mask = 2 * square if explicit else 0  # the explicit path builds the causal mask; SDPA needs none
     activations = 12 * batch * T * config.n_embd * 4
     probabilities = 8 * config.n_layer * batch * config.n_head * square if explicit else 0
+    if config.attention in SYNTHESIZERS or config.block == "gau":
+        probabilities += 12 * batch * (1 if config.block == "gau" else config.n_head) * square
     return mask + activations + probabilities
 
 
@@ -438,15 +296,15 @@ class GPT(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self):
-        """GPT-2 initialisation: N(0, 0.02) weights, zero biases, and the two residual
-        output projections of each block scaled down by 1/sqrt(2 * n_layer)."""
+        """GPT-2 initialisation: N(0, 0.02) weights, zero biases, and the residual output
+        projections (c_proj: two per block, one per GAU layer) scaled down by 1/sqrt(2 * n_layer)."""
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
-            if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
-                module.reset_parameters()
+            if isinstance(module, (nn.LayerNorm, nn.RMSNorm, SynthesizerAttention, GatedAttentionUnit)):
+                module.reset_parameters()  # a norm's ones (and zeros); R, or the GAU's scales and offsets
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
@@ -502,42 +360,54 @@ class GPT(nn.Module):
         if kv_cache is None and self.max_context() is not None and T > self.max_context():
             raise UserError(
                 f"sequence of {T} tokens is longer than the model's block_size ({self.config.block_size}): keep only "
-                f"the last {self.config.block_size} tokens (learned positions stop there; other schemes do not)"
+                f"the last {self.config.block_size} tokens ({self.context_limit()} stop there; other schemes do not)"
             )
         real = None
         if attention_mask is not None and not bool(attention_mask.all()):
             real = attention_mask.to(device=idx.device, dtype=torch.bool)
-        plain = not self.config.attention_window and self.config.position != "alibi"
+        c = self.config
+        plain = not c.attention_window and c.position != "alibi" and c.attention_pattern == "dense"
         if kv_cache is not None:
             past = kv_cache.length
             pos, slots = kv_cache.claim(T, real)
-            # SDPA's is_causal covers a fresh unpadded sequence, and a lone query sees every key
+            # plain causal attention needs no mask on a fresh unpadded sequence, and a lone query sees every key
             causal = plain and not kv_cache.has_padding and not kv_cache.static and (past == 0 or T == 1)
             return self.decode(idx, pos, slots, kv_cache, causal=causal)
         slots = torch.arange(T, device=idx.device)
         pos = slots[None] if real is None else torch.where(real, real.cumsum(1) - 1, -1)
-        attn_mask = None if plain and real is None else self.attention_mask(pos, pos, slots)
-        return self.run(idx, pos, attn_mask)
+        return self.run(idx, self.attention_context(pos, pos, slots, causal=plain and real is None))
 
     def decode(self, idx, pos, slots, kv_cache: KVCache, causal: bool = False):
         """hidden_states on the cache, with the new tokens' position ids (B, T) and cache slots
         (T,) given (see KVCache.claim). Every shape is fixed by the cache and T, and nothing
         here reads a Python number that changes from step to step, so with a static cache it
         can be compiled once for all steps. causal: plain causal attention needs no mask."""
-        attn_mask = None if causal else self.attention_mask(pos, kv_cache.pos[:, : kv_cache.span], slots)
-        return self.run(idx, pos, attn_mask, kv_cache, slots)
+        ctx = self.attention_context(pos, kv_cache.pos[:, : kv_cache.span], slots, causal, kv_cache)
+        return self.run(idx, ctx)
 
-    def run(self, idx, pos, attn_mask, kv_cache: KVCache | None = None, slots=None):
+    def attention_context(self, pos, key_pos, slots, causal: bool, kv_cache: KVCache | None = None) -> AttentionContext:
+        """What every layer's attention reads in this pass (see AttentionContext): the mask (None
+        where plain causal attention needs none), RoPE's angles, the keys each query sees."""
+        c = self.config
+        mask = None if causal else self.attention_mask(pos, key_pos, slots)
+        rope = rope_angles(pos.clamp(min=0), c.rope_dim, c.rope_base) if c.position == "rope" else None
+        ctx = AttentionContext(mask, pos, key_pos, slots, rope, kv_cache)
+        if c.counts_keys:  # causal without a mask: query at position p sees p + 1 keys
+            if mask is None:
+                ctx.visible_keys = (pos + 1)[:, None, :, None].float()
+            else:
+                visible = mask[:, :1].isfinite() if mask.is_floating_point() else mask
+                ctx.visible_keys = visible.sum(-1, keepdim=True).float()
+        return ctx
+
+    def run(self, idx, ctx: AttentionContext):
         """The network itself: embeddings, the blocks, the final norm."""
-        x = self.transformer.drop(self.embed(idx, pos.clamp(min=0)))  # padding (-1) borrows position 0
-        rope = None
-        if self.config.position == "rope":
-            rope = rope_angles(pos.clamp(min=0), self.config.head_dim, self.config.rope_base)
+        x = self.transformer.drop(self.embed(idx, ctx.pos.clamp(min=0)))  # padding (-1) borrows position 0
         for block in self.transformer.h:
             if self.checkpoint_blocks and torch.is_grad_enabled():  # keep x only; recompute the block in backward
-                x = torch.utils.checkpoint.checkpoint(block, x, attn_mask, rope, kv_cache, slots, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, ctx, use_reentrant=False)
             else:
-                x = block(x, attn_mask, rope, kv_cache, slots)
+                x = block(x, ctx)
         return self.transformer.ln_f(x)
 
     def embed(self, idx, pos):
@@ -561,13 +431,12 @@ class GPT(nn.Module):
         A query sees the real keys at earlier positions, and itself. Example, one row
         "_ _ a b c" left-padded to 5 (no cache): positions -1 -1 0 1 2; c's mask row is
         0 0 1 1 1; a pad's row holds only itself (no softmax row may be empty: NaN).
-        An attention window of N also hides keys N or more positions behind the query, and
-        ALiBi's bias is -slope_h x (query position - key position) on what stays visible.
+        An attention window of N also hides keys N or more positions behind the query, a sparse
+        pattern keeps some distances only (gpt.attention.visible_by_pattern), and ALiBi's bias is
+        -slope_h x (query position - key position) on what stays visible.
         """
         distance = q_pos[:, :, None] - k_pos[:, None, :]  # (B or 1, T, S): how far back each key is
-        visible = (k_pos[:, None, :] >= 0) & (distance > 0)
-        if self.config.attention_window:
-            visible &= distance < self.config.attention_window
+        visible = (k_pos[:, None, :] >= 0) & (distance > 0) & visible_by_pattern(distance, self.config)
         visible |= slots[:, None] == torch.arange(k_pos.size(-1), device=slots.device)  # itself
         if self.config.position == "alibi":
             bias = -self.alibi_slopes[:, None, None] * distance[:, None]  # (B or 1, H, T, S)
@@ -589,6 +458,10 @@ class GPT(nn.Module):
             for attn in layers:
                 attn.keep_probs, attn.probs = False, None
 
+    def context_limit(self) -> str:
+        """What stops this model at block_size, in words (where max_context() is not None)."""
+        return "Synthesizer's position weights" if self.config.attention in SYNTHESIZERS else "learned position embeddings"
+
     def max_context(self) -> int | None:
         """The longest sequence this model can read at once: block_size, the length of its learned
         position table; None (no limit) for the position schemes defined at every length, for which
@@ -600,6 +473,9 @@ class GPT(nn.Module):
         used at 256 (the learned position table is cropped). Longer: only for position schemes
         that extrapolate, where block_size sizes nothing in the model (no weight, no buffer)."""
         old = self.config.block_size
+        if block_size != old and self.config.attention in SYNTHESIZERS:
+            raise UserError(f"block_size = {block_size}: a Synthesizer's weights have one row or column per position "
+                            f"up to the block_size it was built with ({old}); keep block_size = {old}")
         if block_size > old and not self.config.extrapolates:
             raise UserError(f"block_size = {block_size} is longer than the {old} positions of the learned position "
                             f"embeddings, which cannot grow: use block_size <= {old}, or train a model whose "
@@ -617,7 +493,7 @@ class GPT(nn.Module):
         limit = self.max_context()
         if length is not None and limit is not None and length > limit:
             raise UserError(f"a KV cache of {length} positions is longer than this model can read "
-                            f"(learned positions, block_size = {limit})")
+                            f"({self.context_limit()}, block_size = {limit})")
         w = self.transformer.wte.weight
         length = (length or self.config.block_size) + spare
         return KVCache(self.config, batch_size, length=length, device=w.device, dtype=dtype or w.dtype)
@@ -638,10 +514,22 @@ class GPT(nn.Module):
 
     def flops_per_token(self, seq_len: int | None = None) -> int:
         """Training FLOPs per token (forward + backward): 6N + 12·L·H·Q·T (PaLM, appendix B), with
-        N = num_params(non_embedding=True), L layers, H heads of Q dimensions, T tokens of context."""
+        N = num_params(non_embedding=True), L layers, H heads of Q dimensions, T tokens of context.
+        The second term is softmax attention's q·k and weights x v; the other mechanisms' version of
+        it: a Synthesizer has the weights x v only (6·L·C·T), linear attention works within a chunk
+        and on its D x D state (12·L·C·(chunk + D)), the GAU forms A from s-wide keys and multiplies
+        2C-wide values (6·L·T·(s + 2C))."""
         cfg = self.config
-        T = seq_len or cfg.block_size
-        return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * T
+        T, L, C = seq_len or cfg.block_size, cfg.n_layer, cfg.n_embd
+        if cfg.block == "gau":
+            attention = 6 * L * T * (GAU_KEY_DIM + 2 * C)
+        elif cfg.attention == "linear":
+            attention = 12 * L * C * (min(T, LINEAR_CHUNK) + cfg.head_dim)
+        elif cfg.attention in SYNTHESIZERS and cfg.attention != "synthesizer_random+softmax":
+            attention = 6 * L * C * T
+        else:
+            attention = 12 * L * cfg.n_head * cfg.head_dim * T
+        return 6 * self.num_params(non_embedding=True) + attention
 
     def estimate_mfu(self, tokens_per_sec: float, device=None, seq_len: int | None = None):
         """Model FLOPs utilisation: achieved training FLOP/s over the device's dense bf16 peak.

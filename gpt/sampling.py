@@ -239,15 +239,16 @@ class _Context:
     def check_memory(self, rows: int, prompt_length: int, max_new_tokens: int) -> None:
         """Refuse a cache of `rows` rows that the device has no room for, before allocating it."""
         weights = self.model.transformer.wte.weight
-        per_slot = KVCache.nbytes(self.model.config, rows, 1, weights.dtype)
+        fixed = KVCache.nbytes(self.model.config, rows, 0, weights.dtype)  # linear attention's state
+        per_slot = KVCache.nbytes(self.model.config, rows, 1, weights.dtype) - fixed
         fewer_rows = "num_samples, num_beams or the number of prompts"
 
         def advice(free: int) -> str:
-            fit = free // per_slot - prompt_length - self.spare  # the max_new_tokens whose cache fits
+            fit = (free - fixed) // per_slot - prompt_length - self.spare  # the max_new_tokens whose cache fits
             return (f"lower max_new_tokens (about {fit:,} fit) or {fewer_rows}" if fit > 0
                     else f"lower {fewer_rows}, or shorten the prompts")
 
-        check_memory(per_slot * self.capacity, weights.device,
+        check_memory(fixed + per_slot * self.capacity, weights.device,
                      f"generating {max_new_tokens:,} tokens (a KV cache of {self.capacity:,} positions)", advice)
 
     def prefill(self, idx: torch.Tensor, mask: torch.Tensor) -> None:
@@ -272,7 +273,7 @@ class _Context:
         if self.compiled is None:
             return self.model.decode(idx, pos, slots, cache)
         if idx.is_cuda:  # CUDA graphs read the cache in place: its addresses must not change
-            for t in (cache.k, cache.v, cache.pos):
+            for t in cache.tensors():
                 torch._dynamo.mark_static_address(t)
         return self.compiled(self.model, idx, pos, slots, cache).clone()  # a graph's output is reused
 

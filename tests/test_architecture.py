@@ -213,7 +213,7 @@ def test_learned_positions_stop_at_block_size():
     assert model.max_context() == 16
     with pytest.raises(UserError, match="longer than the model's block_size"):
         model.hidden_states(torch.zeros(1, 17, dtype=torch.long))
-    with pytest.raises(UserError, match="learned positions, block_size = 16"):
+    with pytest.raises(UserError, match="learned position embeddings, block_size = 16"):
         model.new_kv_cache(1, length=40)
 
 
@@ -263,7 +263,8 @@ def test_a_checkpoint_from_before_the_switches_loads_as_gpt2():
 
     model = model_with()
     old = {k: v for k, v in asdict(model.config).items()
-           if k not in ("position", "rope_base", "norm", "norm_position", "attention_window", "n_kv_head")}
+           if k not in ("position", "rope_base", "norm", "norm_position", "attention_window", "n_kv_head",
+                        "attention_pattern", "attention_stride", "attention", "attention_scale", "block")}
     loaded = gpt_from_checkpoint({"model_config": old}).eval()
     loaded.load_state_dict(model.state_dict())  # strict: the same parameters, no more
     assert loaded.config == model.config
@@ -284,10 +285,14 @@ def test_exporting_a_non_gpt2_architecture_to_hugging_face_is_refused(tmp_path):
 COMBINATIONS = [
     ["--model.position=rope", "--model.norm=rmsnorm", "--model.n_kv_head=1", "--model.attention_window=8"],
     ["--model.position=alibi", "--model.norm_position=post", "--model.n_head=4"],
+    ["--model.attention=linear", "--model.position=none"],
+    ["--model.attention=synthesizer_random+softmax", "--model.attention_scale=logn"],
+    ["--model.block=gau", "--model.position=rope", "--model.attention_pattern=strided", "--model.attention_stride=4"],
 ]
+COMBINATION_IDS = ["rope-rms-mqa-window", "alibi-post", "linear", "synth-mix-logn", "gau-rope-strided"]
 
 
-@pytest.mark.parametrize("arch", COMBINATIONS, ids=["rope-rms-mqa-window", "alibi-post"])
+@pytest.mark.parametrize("arch", COMBINATIONS, ids=COMBINATION_IDS)
 def test_classifier_pooling_is_the_same_with_left_or_right_padding(arch):
     from gpt.model import GPTClassifier, pad_sequences
 
@@ -301,8 +306,9 @@ def test_classifier_pooling_is_the_same_with_left_or_right_padding(arch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", COMBINATIONS, ids=["rope-rms-mqa-window", "alibi-post"])
+@pytest.mark.parametrize("arch", COMBINATIONS, ids=COMBINATION_IDS)
 def test_a_run_learns_resumes_exactly_and_reads_past_its_block_size(arch, char_data, tmp_path, capsys):
+    """(A Synthesizer reads at most its block_size: evaluated there, and generation slides.)"""
     import json
 
     import sample
@@ -323,17 +329,22 @@ def test_a_run_learns_resumes_exactly_and_reads_past_its_block_size(arch, char_d
     assert all(str(saved[a.split("=")[0].removeprefix("--model.")]) == a.split("=")[1] for a in arch)
 
     results = tmp_path / "eval.json"
-    evaluate.main([f"--out_dir={tmp_path / 'whole'}", "--context=32,96", f"--json={results}"])  # block_size is 32
+    contexts = {16, 32} if "synthesizer" in arch[0] else {32, 96}  # block_size is 32
+    evaluate.main([f"--out_dir={tmp_path / 'whole'}", f"--context={','.join(map(str, sorted(contexts)))}",
+                   f"--json={results}"])
     losses = {r["context"]: r["loss"] for r in json.loads(results.read_text())}
-    assert set(losses) == {32, 96} and all(math.isfinite(v) for v in losses.values())
+    assert set(losses) == contexts and all(math.isfinite(v) for v in losses.values())
     capsys.readouterr()
-    sample.main([f"--out_dir={tmp_path / 'whole'}", "--prompt=ROMEO:", "--max_new_tokens=80", "--temperature=0",
+    decoding = ["--penalty_alpha=0.6", "--top_k=3"] if "synthesizer" in arch[0] else ["--temperature=0"]
+    sample.main([f"--out_dir={tmp_path / 'whole'}", "--prompt=ROMEO:", "--max_new_tokens=80", *decoding,
                  "--no-stream"])
     assert len(capsys.readouterr().out) >= len("ROMEO:") + 80  # one character per token, past block_size
 
 
-@pytest.mark.parametrize("arch", [dict(position="rope", n_kv_head=2, attention_window=6), dict(position="alibi", norm_position="post")],
-                         ids=["rope-gqa-window", "alibi-post"])
+@pytest.mark.parametrize("arch", [dict(position="rope", n_kv_head=2, attention_window=6), dict(position="alibi", norm_position="post"),
+                                  dict(attention="linear", position="none"), dict(attention="synthesizer_dense"),
+                                  dict(block="gau", position="rope", attention_scale="sqrt_d")],
+                         ids=["rope-gqa-window", "alibi-post", "linear", "synth-dense", "gau-rope"])
 @pytest.mark.parametrize("settings", [dict(temperature=0), dict(penalty_alpha=0.6, top_k=4), dict(num_beams=3)],
                          ids=["greedy", "contrastive", "beam"])
 def test_generation_of_a_left_padded_batch_equals_one_by_one(arch, settings):

@@ -159,6 +159,30 @@ TRAIN = [
     ("device that holds no data", lambda c: c.train("--system.device=meta"), "system.device 'meta' is not usable here"),
     ("rope_base that overflows", lambda c: c.train("--model.position=rope", "--model.rope_base=1e-300"),
      "model.rope_base must be greater than 1, got 1e-300: at or below 1 RoPE's rotation frequencies"),
+    ("unknown attention", lambda c: c.train("--model.attention=performer"),
+     "model.attention must be one of 'softmax', 'linear', 'synthesizer_dense', 'synthesizer_random', "
+     "'synthesizer_random_fixed', 'synthesizer_random+softmax', got 'performer'"),
+    ("unknown block", lambda c: c.train("--model.block=mamba"), "model.block must be one of 'transformer', 'gau'"),
+    ("unknown scale", lambda c: c.train("--model.attention_scale=sqrt_n"),
+     "model.attention_scale must be one of 'sqrt_d', 'one', 'logn', got 'sqrt_n'"),
+    ("unknown pattern", lambda c: c.train("--model.attention_pattern=random"),
+     "model.attention_pattern must be one of 'dense', 'dilated', 'strided'"),
+    ("pattern stride below 1", lambda c: c.train("--model.attention_pattern=dilated", "--model.attention_stride=0"),
+     "model.attention_pattern = 'dilated' needs attention_stride >= 1"),
+    ("stride without a pattern", lambda c: c.train("--model.attention_stride=4"),
+     "model.attention_stride = 4 applies to attention_pattern = 'dilated' or 'strided' only"),
+    ("gau with another attention", lambda c: c.train("--model.block=gau", "--model.attention=linear"),
+     "model.block = 'gau' brings its own attention"),
+    ("gau with shared kv heads", lambda c: c.train("--model.block=gau", "--model.n_kv_head=1"),
+     "block = 'gau' has none to share: leave n_kv_head at 0"),
+    ("gau with alibi", lambda c: c.train("--model.block=gau", "--model.position=alibi"),
+     "block = 'gau' cannot take it"),
+    ("linear attention with a window", lambda c: c.train("--model.attention=linear", "--model.attention_window=4"),
+     "model.attention = 'linear' keeps one running sum of all earlier tokens: it cannot take an attention_window"),
+    ("synthesizer with rope", lambda c: c.train("--model.attention=synthesizer_dense", "--model.position=rope"),
+     "model.position = 'rope' rotates queries and keys"),
+    ("scale without scores", lambda c: c.train("--model.attention=linear", "--model.attention_scale=logn"),
+     "attention = 'linear' has no such scores to scale"),
     ("init_from a learned-position run with a longer block_size",
      lambda c: c.train(f"--run.init_from={c.w['lm']}", "--model.block_size=32"),
      "model.block_size = 32 is longer than the 16 positions of the learned position embeddings, which cannot grow: "
@@ -253,7 +277,8 @@ EVALUATE = [
     ("context 0", lambda c: [f"--out_dir={c.w['lm']}", "--context=0"], "--context=0 must be at least 1"),
     ("context beyond block_size", lambda c: [f"--out_dir={c.w['lm']}", "--context=8,17"],
      "--context=17 is longer than this model can read: its learned position embeddings cover block_size = 16 "
-     "positions; use at most 16 (models with position = sinusoidal, rope, alibi or none read any length)"),
+     "positions; use at most 16 (models with position = sinusoidal, rope, alibi or none and no Synthesizer read "
+     "any length)"),
     ("not numbers", lambda c: [f"--out_dir={c.w['lm']}", "--context=8,x"], "must be comma-separated whole numbers"),
     ("another tokenizer", lambda c: [f"--out_dir={c.w['lm']}", f"--data={_byte_data(c)}"],
      "holds byte tokens (257 ids), but the model reads char tokens"),
@@ -274,6 +299,9 @@ EVALUATE = [
                                                                f"--plot={_chdir(c) / 'r.json'}"], "--json and --plot both name"),
     ("stride too long for a later context", lambda c: [f"--out_dir={c.w['lm']}", "--context=16,8", "--stride=12"],
      "--stride=12 must be between 1 and context + 1 = 9 for --context=8"),
+    ("Synthesizer context beyond block_size", lambda c: [f"--out_dir={_run(c, 'none', '--model.attention=synthesizer_random')}",
+                                                          "--context=17"],
+     "--context=17 is longer than this model can read: its Synthesizer's position weights cover block_size = 16"),
     ("ALiBi context beyond memory", lambda c: [f"--out_dir={_run(c, 'alibi')}", "--context=1000000", "--text",
                                                str(c.file("long.txt", "the " * 250_000))],
      "tokens) needs about"),
@@ -472,10 +500,10 @@ def _mkdir(c: Case, name: str) -> Path:
     return c.tmp / name
 
 
-def _run(c: Case, position: str) -> Path:
+def _run(c: Case, position: str, *more: str) -> Path:
     """A tiny language-model run with another position scheme (those read past block_size)."""
     out = c.tmp / position
-    train.main(c.train(f"--run.out_dir={out}", f"--model.position={position}"))
+    train.main(c.train(f"--run.out_dir={out}", f"--model.position={position}", *more))
     return out
 
 

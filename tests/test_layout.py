@@ -75,7 +75,8 @@ def test_there_is_no_import_cycle_in_the_package():
     ("gpt.tokenizer", {"gpt.errors", "gpt.atomic"}),
     ("gpt.checkpoint", {"gpt.errors", "gpt.atomic", "gpt.model", "gpt.tokenizer", "gpt.system", "gpt.hf"}),
     ("gpt.positions", set()),  # formulas only
-    ("gpt.model", {"gpt.errors", "gpt.system", "gpt.positions"}),  # the network alone: no hf, files, tokenizers, training
+    ("gpt.attention", {"gpt.errors", "gpt.positions"}),  # the attention layers and their cache
+    ("gpt.model", {"gpt.errors", "gpt.system", "gpt.positions", "gpt.attention"}),  # the network alone: no hf, files, tokenizers, training
     ("gpt.sampling", {"gpt.errors", "gpt.model", "gpt.system"}),  # no files (system: free memory)
     ("gpt.parallel", {"gpt.errors", "gpt.system"}),  # knows no model, trainer or checkpoint file
     ("gpt.dataset", {"gpt.errors"}),

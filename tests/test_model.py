@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from gpt import GPT, GPTConfig, UserError
-from gpt.model import CausalSelfAttention, Linear, pad_sequences
+from gpt.attention import CausalSelfAttention, Linear
+from gpt.model import pad_sequences
 from gpt.system import peak_bf16_flops
 
 SMALL = dict(block_size=32, vocab_size=97, n_layer=3, n_head=4, n_embd=32)
@@ -21,7 +22,19 @@ ARCHITECTURES = pytest.mark.parametrize("arch", [
     dict(position="alibi", n_head=6, n_embd=48, attention_window=5),
     dict(position="none", norm_position="post"),
     dict(position="rope", attention_window=4, n_kv_head=1, norm="rmsnorm", norm_position="post"),
-], ids=["gpt2", "sinusoidal-rmsnorm", "rope-gqa", "alibi6-window", "none-postnorm", "rope-window-mqa-post-rms"])
+    dict(attention="linear"),
+    dict(attention="linear", position="sinusoidal", norm_position="post"),
+    dict(attention="synthesizer_dense"),
+    dict(attention="synthesizer_random", position="none", attention_window=6),
+    dict(attention="synthesizer_random_fixed", attention_pattern="dilated", attention_stride=2),
+    dict(attention="synthesizer_random+softmax", attention_scale="logn"),
+    dict(block="gau", position="rope"),
+    dict(block="gau", attention_pattern="strided", attention_stride=3, attention_window=4, norm_position="post"),
+    dict(position="rope", attention_scale="logn", attention_window=6),
+    dict(position="alibi", attention_scale="one", attention_pattern="strided", attention_stride=3),
+], ids=["gpt2", "sinusoidal-rmsnorm", "rope-gqa", "alibi6-window", "none-postnorm", "rope-window-mqa-post-rms",
+        "linear", "linear-sinusoidal-post", "synth-dense", "synth-random-window", "synth-fixed-dilated",
+        "synth-random+softmax-logn", "gau-rope", "gau-strided-post", "rope-logn-window", "alibi-unscaled-strided"])
 
 
 def small_model(seed=0, **overrides) -> GPT:
@@ -151,9 +164,10 @@ def test_hidden_states_are_post_final_layernorm_and_give_the_logits():
 
 
 def reference_attend(self, q, k, v, attn_mask):
-    """Plain softmax(q kᵀ/√D + mask) v, with causal masking aligned to the last keys."""
+    """Plain softmax(q kᵀ/√D + mask) v (no 1/√D with attention_scale = "one"), with causal
+    masking aligned to the last keys."""
     T, S = q.size(2), k.size(2)
-    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
+    scores = (q @ k.transpose(-2, -1)) / (1.0 if self.scale == "one" else math.sqrt(q.size(-1)))
     if attn_mask is not None and attn_mask.is_floating_point():  # ALiBi: a bias, -inf where hidden
         return (scores + attn_mask).softmax(-1) @ v
     allowed = torch.ones(T, S, dtype=torch.bool).tril(S - T) if attn_mask is None else attn_mask
@@ -187,7 +201,7 @@ def test_kv_cache_prefill_then_single_tokens_equals_full_forward(arch):
         for t in range(6, 20):
             logits, _ = model(seq[:, t : t + 1], kv_cache=cache)
             torch.testing.assert_close(logits[:, 0], full[:, t], rtol=1e-5, atol=1e-5)
-    assert cache.length == 20 and cache.k.shape[3] == SMALL["block_size"]  # preallocated
+    assert cache.length == 20 and cache.capacity == SMALL["block_size"]  # preallocated
 
 
 @ARCHITECTURES
@@ -314,7 +328,7 @@ def test_bfloat16_cache_serves_a_float32_model(arch):
     model = small_model(**arch)
     seq = torch.randint(0, 97, (2, 12))
     cache = model.new_kv_cache(2, dtype=torch.bfloat16)
-    assert cache.k.dtype == torch.bfloat16
+    assert all(t.dtype == torch.bfloat16 for t in cache.tensors()[:-1])  # all but the position ids
     with torch.no_grad():
         model(seq[:, :-1], kv_cache=cache)
         logits, _ = model(seq[:, -1:], kv_cache=cache)
@@ -323,7 +337,7 @@ def test_bfloat16_cache_serves_a_float32_model(arch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_kv_cache_nbytes_is_what_a_cache_allocates(dtype):
-    from gpt.model import KVCache
+    from gpt.attention import KVCache
 
     model = small_model(n_kv_head=2)
     cache = model.new_kv_cache(3, dtype=dtype, length=20, spare=4)  # spare slots count too

@@ -231,14 +231,16 @@ def test_ddp_gradients_are_views_into_its_buckets_not_a_second_copy():
         torch.distributed.destroy_process_group()
 
 
-def test_fsdp_shards_every_block_in_place_and_keeps_the_names():
+@pytest.mark.parametrize("arch", [{}, dict(block="gau"), dict(attention="linear"), dict(attention="synthesizer_random_fixed")],
+                         ids=["gpt2", "gau", "linear", "synth-fixed"])
+def test_fsdp_shards_every_block_in_place_and_keeps_the_names(arch):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from gpt.config import SystemConfig
     from gpt.parallel import is_sharded, parallelize, sharded_state
     from gpt.system import Processes
 
-    config = GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32)
+    config = GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32, **arch)
     torch.manual_seed(0)
     model, reference = GPT(config), GPT(config)
     reference.load_state_dict(model.state_dict())
@@ -248,7 +250,8 @@ def test_fsdp_shards_every_block_in_place_and_keeps_the_names():
         assert out is model and is_sharded(model) and all(is_sharded(block) for block in model.transformer.h)
         assert all(type(p).__name__ == "DTensor" for p in model.parameters())
         assert [n for n, _ in model.named_parameters()] == [n for n, _ in reference.named_parameters()]
-        assert all(type(t).__name__ == "DTensor" for t in sharded_state(model)["model"].values())
+        parameters = dict(reference.named_parameters())  # (a fixed Synthesizer's buffer is not sharded)
+        assert all(type(t).__name__ == "DTensor" for k, t in sharded_state(model)["model"].items() if k in parameters)
         whole = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
         assert whole.keys() == reference.state_dict().keys()
         assert all(torch.equal(whole[k], v) for k, v in reference.state_dict().items())
