@@ -46,10 +46,11 @@ CONTEXTS = (128, 256, 512, 1024)
 SLIDING_TOKENS, SLIDING_STRIDE = 32_768, 64
 
 
-def train(name: str, overrides: list[str], max_iters: int | None) -> dict:
-    """One train.py run; its wall time, final validation loss and the step losses."""
+def train(name: str, overrides: list[str], max_iters: int | None, script: tuple[str, ...] = ("train.py",)) -> dict:
+    """One train.py run (or `script`, which takes train.py's arguments); its wall time, final
+    validation loss and the step losses."""
     out = OUT / name
-    argv = [sys.executable, "train.py", str(CONFIG), f"--run.out_dir={out}", "--log.plot=false", "--overwrite", *overrides]
+    argv = [sys.executable, *script, str(CONFIG), f"--run.out_dir={out}", "--log.plot=false", "--overwrite", *overrides]
     if max_iters:
         argv.append(f"--run.max_iters={max_iters}")
     print(f"== {name}: {' '.join(overrides) or '(the config as is)'}", flush=True)
@@ -60,8 +61,9 @@ def train(name: str, overrides: list[str], max_iters: int | None) -> dict:
     evals = [r for r in records if "val_loss" in r]
     steps = [(r["iter"], r["loss"]) for r in records if "loss" in r]
     print(f"   {seconds:.0f} s, val loss {evals[-1]['val_loss']:.4f}", flush=True)
+    ms = sorted(r["ms_per_iter"] for r in records if "ms_per_iter" in r)
     return {"name": name, "overrides": overrides, "seconds": seconds, "val_loss": evals[-1]["val_loss"],
-            "iters": steps[-1][0], "steps": steps}
+            "iters": steps[-1][0], "steps": steps, "ms_per_iter": ms[len(ms) // 2] if ms else None}
 
 
 def positions(args) -> dict:

@@ -22,7 +22,7 @@ def model_with(seed=0, **arch) -> GPT:
     model = GPT(GPTConfig(**{**SHAPE, **arch}))
     with torch.no_grad():  # non-trivial norms, biases and GAU offsets, so the reference must get them right
         for name, p in model.named_parameters():
-            if name.endswith(("bias", "beta", "gamma", "mix")) or ".ln_" in name:
+            if name.endswith(("bias", "mix")) or ".beta_" in name or ".gamma_" in name or ".ln_" in name:
                 p.add_(torch.randn_like(p) * 0.1)
     return model.eval()
 
@@ -57,7 +57,7 @@ def reference_logits(model: GPT, idx: torch.Tensor) -> torch.Tensor:
         if c.block == "gau":
             u, v = F.silu(a @ att.c_uv.weight.T + att.c_uv.bias).split(2 * C, -1)
             z = F.silu(a @ att.c_z.weight.T + att.c_z.bias)
-            q, k = z * att.gamma[0] + att.beta[0], z * att.gamma[1] + att.beta[1]
+            q, k = z * att.gamma_q + att.beta_q, z * att.gamma_k + att.beta_k
             if c.position == "rope":
                 cos, sin = rope_angles(torch.arange(T), GAU_KEY_DIM, c.rope_base)
                 q, k = apply_rope(q[None], cos, sin)[0], apply_rope(k[None], cos, sin)[0]
@@ -227,9 +227,14 @@ def test_a_fixed_synthesizer_never_trains_its_matrix_and_saves_it():
 
 
 def test_gau_layer_is_one_unit_with_the_papers_widths():
+    from gpt.config import OptimConfig
+    from gpt.trainer import make_optimizer
+
     model = model_with(block="gau")
     block = model.transformer.h[0]
     assert not hasattr(block, "mlp") and not hasattr(block, "ln_2")
+    decayed = make_optimizer(model, OptimConfig(), torch.device("cpu")).param_groups[0]["params"]
+    assert not any(p is block.attn.gamma_q or p is block.attn.beta_k for p in decayed)  # vectors: no weight decay
     assert block.attn.c_uv.weight.shape == (4 * 32, 32) and block.attn.c_z.weight.shape == (GAU_KEY_DIM, 32)
     assert block.attn.c_proj.weight.shape == (32, 2 * 32)
     cache = model.new_kv_cache(1)
