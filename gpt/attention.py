@@ -26,7 +26,8 @@ The mechanisms of GPTConfig.attention:
   synthesizer_random+softmax  the paper's Random + Vanilla mixture: logits
                α R + (1 - α) q·k / √D with α = sigmoid(w), one learned w per head (from 0:
                an even mix at the start).
-  A Synthesizer reads at most block_size positions (its R and W2 have that many).
+  A Synthesizer reads at most block_size positions (its R and W2 have that many). RoPE
+  applies to the mixture's q·k only.
 
 GPTConfig.block = "gau" replaces attention and MLP by one GatedAttentionUnit (Hua et al.
 2022, FLASH): one head, relu² instead of softmax, and a gate; see its docstring.
@@ -286,7 +287,9 @@ class KVCache:
             self.k[:, :, :, :n] = self.k[:, :, :, :n].index_select(1, rows)
             self.v[:, :, :, :n] = self.v[:, :, :, :n].index_select(1, rows)
         else:
-            k, v = self.k.new_empty(self.k[:, rows].shape), self.v.new_empty(self.v[:, rows].shape)
+            # zeros, not empty: a static cache reads every slot, and 0 x NaN would leak through the mask
+            k = self.k.new_zeros(self.k.size(0), len(rows), *self.k.shape[2:])
+            v = self.v.new_zeros(self.v.size(0), len(rows), *self.v.shape[2:])
             torch.index_select(self.k[:, :, :, :n], 1, rows, out=k[:, :, :, :n])  # one copy, no temporary
             torch.index_select(self.v[:, :, :, :n], 1, rows, out=v[:, :, :, :n])
             self.k, self.v = k, v
@@ -434,14 +437,17 @@ class LinearAttention(nn.Module):
 
     @staticmethod
     def feature(x: torch.Tensor) -> torch.Tensor:
-        return F.elu(x) + 1
+        """φ(x) = elu(x) + 1: x + 1 for x > 0, exp(x) below (positive everywhere)."""
+        return torch.where(x > 0, x + 1, x.clamp(max=0).exp())
 
     def forward(self, x, ctx: AttentionContext):
         B, T, C = x.shape
-        q, k, v = (heads(t, self.n_head) for t in self.c_attn(x).split(C, dim=-1))
+        # in float32 whatever the autocast dtype: elu(x) + 1 for negative x is exp(x) - 1 + 1, which
+        # bf16 rounds to 0 (a zero normaliser), and the running sums add up many small terms
+        q, k, v = (heads(t, self.n_head).float() for t in self.c_attn(x).split(C, dim=-1))
         phi_q, phi_k = self.feature(q), self.feature(k)
-        real = (ctx.pos >= 0)[:, None, :, None].to(phi_k.dtype)  # (B or 1, 1, T, 1)
-        state = ctx.cache.state(self.layer, q.dtype) if ctx.cache is not None else None
+        real = (ctx.pos >= 0)[:, None, :, None].float()  # (B or 1, 1, T, 1)
+        state = ctx.cache.state(self.layer, torch.float32) if ctx.cache is not None else None
         visible = ctx.boolean_mask(T, T, x.device) if ctx.mask is None else ctx.mask[..., ctx.slots]
         y = self.chunks(phi_q, phi_k, v, visible, real, state)
         if ctx.cache is not None:
@@ -449,7 +455,7 @@ class LinearAttention(nn.Module):
         if self.keep_probs:
             weights = (phi_q @ phi_k.transpose(-2, -1)) * visible
             self.probs = (weights / weights.sum(-1, keepdim=True)).detach()
-        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C).to(x.dtype)))
 
     @staticmethod
     def chunks(phi_q, phi_k, v, visible, real, state=None, chunk: int = LINEAR_CHUNK):
@@ -512,6 +518,8 @@ class SynthesizerAttention(nn.Module):
         qp, kp = ctx.pos.clamp(min=0), ctx.key_pos.clamp(min=0)  # padding borrows position 0 (masked)
         if self.mixed:
             q, k, v = (heads(t, H) for t in self.c_attn(x).split(C, dim=-1))
+            if ctx.rope is not None:
+                q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
         else:
             v = heads(self.c_attn(x), H)
             k = v.new_empty(B, H, T, 0)  # nothing to compare with: the cache keeps values only

@@ -119,7 +119,7 @@ def check_inspect_memory(model: GPT, T: int, summary_T: int | None, maps: int, d
     window of summary_T tokens. In the computer's memory: the picture (matplotlib keeps a copy of
     each of the `maps` drawn maps and makes two more to save one), the summary's statistics (a few
     temporaries the size of a window's probabilities), and the probabilities copied from a GPU."""
-    L, H = model.config.n_layer, model.config.n_head
+    L, H = model.config.n_layer, model.config.attention_heads
     pair = 4 * L * H  # bytes of the float32 probabilities of one (query, key) pair, every layer and head
     on_device = forward_bytes(model.config, 1, T, explicit=True)
     on_host = 4 * (maps + 2) * T * T
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     device = pick_device(args.device)
     model, tok, run_data = load_language_model(args, device)
     layers = _pick(args.layers, model.config.n_layer, "layers")
-    heads = _pick(args.heads, model.config.n_head, "heads")
+    heads = _pick(args.heads, model.config.attention_heads, "heads")
     ids = tok.encode(args.prompt)
     limit = model.max_context() or len(ids)
     if len(ids) > limit:

@@ -123,9 +123,10 @@ class GPTConfig:
                 raise UserError(f"n_kv_head shares the keys and values of softmax attention's heads; {what} has "
                                 f"none to share: leave n_kv_head at 0")
             if self.position == "alibi":
+                others = "'learned', 'sinusoidal', 'rope' or 'none'" if self.block == "gau" else "'learned', 'sinusoidal' or 'none'"
                 raise UserError(f"position = 'alibi' biases softmax attention scores; {what} cannot take it: use "
-                                f"position = 'learned', 'sinusoidal', 'rope' or 'none'")
-        if self.attention == "linear" or self.attention in SYNTHESIZERS:
+                                f"position = {others}")
+        if self.attention == "linear" or self.attention in SYNTHESIZERS and self.attention != "synthesizer_random+softmax":
             if self.position == "rope":
                 raise UserError(f"position = 'rope' rotates queries and keys before their product, which "
                                 f"{what} does not form that way: use position = 'learned', 'sinusoidal' or 'none'")
@@ -133,6 +134,8 @@ class GPTConfig:
             raise UserError("attention = 'linear' keeps one running sum of all earlier tokens: it cannot take an "
                             "attention_window or a sparse attention_pattern")
         scored = self.block == "transformer" and self.attention in ("softmax", "synthesizer_random+softmax")
+        if self.attention_scale == "logn" and self.block_size < 2:
+            raise UserError("attention_scale = 'logn' scales by log(n) / log(block_size): it needs block_size >= 2")
         if self.attention_scale != "sqrt_d" and not scored:
             raise UserError(f"attention_scale scales softmax attention's q·k; {what} has no such scores to scale: "
                             f"leave attention_scale = 'sqrt_d'")
@@ -148,6 +151,11 @@ class GPTConfig:
     @property
     def kv_heads(self) -> int:
         return self.n_kv_head or self.n_head
+
+    @property
+    def attention_heads(self) -> int:
+        """Heads of attention weights per layer: n_head, or the GAU's one."""
+        return 1 if self.block == "gau" else self.n_head
 
     @property
     def rope_dim(self) -> int:
@@ -445,8 +453,9 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def attention_probabilities(self, idx: torch.Tensor, attention_mask=None) -> torch.Tensor:
-        """(n_layer, B, n_head, T, T): how much each query position attends to each key, for every
-        layer and head, from the explicit attention path (for pictures; see attend_explicitly).
+        """(n_layer, B, heads, T, T): how much each query position attends to each key, for every
+        layer and head (config.attention_heads: n_head, one for the GAU), from the explicit
+        attention path (for pictures; see attend_explicitly).
         attention_mask: as in hidden_states (padding gets no attention)."""
         layers = [block.attn for block in self.transformer.h]
         for attn in layers:

@@ -250,6 +250,10 @@ def test_init_from_a_rope_run_with_a_longer_block_size_trains_and_saves_it(char_
     (dict(position="rope", rope_base=0.0), "rope_base must be greater than 1, got 0.0"),
     (dict(position="rope", rope_base=1e-300), "rope_base must be greater than 1, got 1e-300"),
     (dict(position="rope", rope_base=1.0), "frequencies do not fall from one dimension pair to the next"),
+    (dict(attention_scale="logn", block_size=1), "attention_scale = 'logn' scales by log(n) / log(block_size): it "
+                                                 "needs block_size >= 2"),
+    (dict(attention="linear", position="alibi"), "use position = 'learned', 'sinusoidal' or 'none'"),
+    (dict(attention="synthesizer_random", position="rope"), "position = 'rope' rotates queries and keys"),
 ])
 def test_bad_architecture_settings_are_clear_errors(overrides, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):

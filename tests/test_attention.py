@@ -113,6 +113,7 @@ SWITCHES = [
     dict(attention="synthesizer_random"),
     dict(attention="synthesizer_random_fixed", attention_window=5),
     dict(attention="synthesizer_random+softmax"),
+    dict(attention="synthesizer_random+softmax", position="rope"),
     dict(attention="synthesizer_random+softmax", attention_scale="logn", attention_pattern="dilated", attention_stride=2),
     dict(block="gau"),
     dict(block="gau", position="rope", norm_position="post", attention_pattern="strided", attention_stride=3),
@@ -239,6 +240,26 @@ def test_gau_layer_is_one_unit_with_the_papers_widths():
     assert block.attn.c_proj.weight.shape == (32, 2 * 32)
     cache = model.new_kv_cache(1)
     assert cache.k.shape == (2, 1, 1, 16, GAU_KEY_DIM) and cache.v.shape == (2, 1, 1, 16, 64)
+    # one head of attention weights, whatever n_head says (gpt.inspect draws config.attention_heads)
+    assert model.config.attention_heads == 1
+    assert model.attention_probabilities(torch.randint(0, 61, (2, 5))).shape == (2, 2, 1, 5, 5)
+
+
+def test_linear_attention_under_bf16_autocast_stays_finite_and_close_to_fp32():
+    """elu(x) + 1 for very negative x is exp(x); computed in bf16 as expm1 + 1 it rounds to 0,
+    and a query whose visible keys all round to 0 divides by zero. φ is exp(x) there, and linear
+    attention runs in fp32 under autocast."""
+    assert (LinearAttention.feature(torch.tensor([-7.0, -9.0, -12.0], dtype=torch.bfloat16)) > 0).all()
+    model = model_with(attention="linear")
+    for block in model.transformer.h:
+        block.attn.c_attn.weight.data *= 40  # queries and keys far below zero in places
+    idx = torch.randint(0, 61, (2, 16))
+    with torch.no_grad():
+        exact = model.hidden_states(idx)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            rounded = model.hidden_states(idx)
+    assert torch.isfinite(rounded).all()
+    torch.testing.assert_close(rounded.float(), exact, rtol=0.05, atol=0.05)
 
 
 @pytest.mark.parametrize("arch", [dict(attention="linear"), dict(attention="synthesizer_dense"), dict(block="gau")],
