@@ -46,7 +46,7 @@ from gpt.atomic import atomic_path, check_outputs
 from gpt.checkpoint import add_model_options, load_language_model
 from gpt.dataset import TokenDataset
 from gpt.errors import ArgumentParser, UserError, exit_on_user_error
-from gpt.model import GPT, forward_bytes
+from gpt.model import GPT, forward_bytes, pad_sequences
 from gpt.system import (Processes, all_reduce_sum, autocast, check_memory, finish_processes, pick_device, pick_dtype,
                         start_processes)
 from gpt.tokenizer import Tokenizer, from_spec
@@ -116,6 +116,28 @@ def windows(n_tokens: int, context: int, stride: int, name: str = "the token str
 
 
 @torch.no_grad()
+@torch.no_grad()
+def choice_logprobs(model: GPT, context: list[int], endings: list[list[int]], device=None,
+                    dtype: torch.dtype = torch.float32) -> list[tuple[float, int]]:
+    """Multiple choice by likelihood (the zero-shot scoring of GPT-2/GPT-3 and HellaSwag): for each
+    ending, the total log-probability (nats) of its tokens after `context` and its earlier tokens,
+    and its token count (for the per-token mean, "acc_norm" by tokens). One batch: the context
+    followed by each ending, right-padded (the mask keeps padding out of every real token's view).
+    Building block of the multiple-choice evaluation; the context plus the longest ending must
+    fit the model (max_context)."""
+    if not context:
+        raise UserError("the context needs at least one token: the first token of a text has no prediction")
+    if not endings or any(not e for e in endings):
+        raise UserError("every candidate ending needs at least one token")
+    device = torch.device(device or "cpu")
+    idx, mask = pad_sequences([context + e for e in endings], left=False, device=device)
+    with autocast(device, dtype):
+        logits = model.logits(model.hidden_states(idx[:, :-1], attention_mask=mask[:, :-1]))
+    logp = F.log_softmax(logits.float(), dim=-1).gather(-1, idx[:, 1:, None])[..., 0]  # (B, T - 1): log p(token t + 1)
+    first = len(context) - 1  # the prediction of an ending's first token sits at the context's last position
+    return [(logp[row, first : first + len(e)].sum().item(), len(e)) for row, e in enumerate(endings)]
+
+
 def evaluate_tokens(model: GPT, tokens: np.ndarray, name: str, context: int, stride: int, *, byte_lengths: np.ndarray,
                     batch_size: int = 8, device=None, dtype=torch.float32, procs: Processes | None = None,
                     progress: bool | None = None) -> Result:
