@@ -321,19 +321,19 @@ class GPT(nn.Module):
 
     # ---- forward -------------------------------------------------------------------
 
-    def forward(self, idx, targets=None, *, attention_mask=None, kv_cache: KVCache | None = None):
+    def forward(self, idx, targets=None, *, attention_mask=None, kv_cache: KVCache | None = None, prefix=None):
         """idx (B, T) token ids -> (logits, loss).
 
         With targets (B, T): logits (B, T, V) and the mean cross-entropy over targets != -1
         (0 if every target is -1). Targets must be < vocab_size; that is not checked here
         (it would cost a GPU sync per step): gpt.dataset checks the data's vocabulary.
         Without targets: only the last position's logits (B, 1, V), the cheap path for
-        generation, and loss None. attention_mask and kv_cache are as in `hidden_states`.
+        generation, and loss None. attention_mask, kv_cache and prefix are as in `hidden_states`.
 
         With vocabulary padding the logits are a view of a wider tensor: use
         .reshape, not .view, to flatten them.
         """
-        h = self.hidden_states(idx, attention_mask=attention_mask, kv_cache=kv_cache)
+        h = self.hidden_states(idx, attention_mask=attention_mask, kv_cache=kv_cache, prefix=prefix)
         if targets is None:
             return self.logits(h[:, -1:]), None
         logits = self.lm_head(h)
@@ -350,15 +350,23 @@ class GPT(nn.Module):
         """LM logits (..., V) from final hidden states; padded vocabulary ids never show."""
         return self.lm_head(h)[..., : self.config.vocab_size]
 
-    def hidden_states(self, idx, *, attention_mask=None, kv_cache: KVCache | None = None):
+    def hidden_states(self, idx, *, attention_mask=None, kv_cache: KVCache | None = None, prefix=None):
         """Final hidden state (after the last LayerNorm) of every position: (B, T, C).
 
         attention_mask (B, T): 1 for real tokens, 0 for padding (left padding of a
         mixed-length batch). Padding is never attended to and does not advance the
         position ids, so each row gets the result it would get alone.
         kv_cache: the keys/values of earlier tokens; this call appends idx's.
+        prefix: an int or (B,) ints: the tokens at positions below it see each other both ways
+        (the prefix LM of UniLM / T5; at least T: BERT's bidirectional attention); later tokens
+        stay causal. None: causal everywhere (GPT).
         """
         B, T = idx.shape
+        if prefix is not None:
+            if self.config.attention == "linear":
+                raise UserError("attention = 'linear' keeps a running sum of the tokens before each one: it has no "
+                                "bidirectional or prefix attention")
+            prefix = torch.as_tensor(prefix, device=idx.device).reshape(-1)
         if attention_mask is not None and attention_mask.shape != idx.shape:
             raise UserError(f"attention_mask has shape {tuple(attention_mask.shape)}, idx {tuple(idx.shape)}: "
                             f"the mask covers the new tokens only (earlier ones are in the KV cache)")
@@ -374,30 +382,31 @@ class GPT(nn.Module):
         if attention_mask is not None and not bool(attention_mask.all()):
             real = attention_mask.to(device=idx.device, dtype=torch.bool)
         c = self.config
-        plain = not c.attention_window and c.position != "alibi" and c.attention_pattern == "dense"
+        plain = not c.attention_window and c.position != "alibi" and c.attention_pattern == "dense" and prefix is None
         if kv_cache is not None:
             past = kv_cache.length
             pos, slots = kv_cache.claim(T, real)
             # plain causal attention needs no mask on a fresh unpadded sequence, and a lone query sees every key
             causal = plain and not kv_cache.has_padding and not kv_cache.static and (past == 0 or T == 1)
-            return self.decode(idx, pos, slots, kv_cache, causal=causal)
+            return self.decode(idx, pos, slots, kv_cache, causal=causal, prefix=prefix)
         slots = torch.arange(T, device=idx.device)
         pos = slots[None] if real is None else torch.where(real, real.cumsum(1) - 1, -1)
-        return self.run(idx, self.attention_context(pos, pos, slots, causal=plain and real is None))
+        return self.run(idx, self.attention_context(pos, pos, slots, causal=plain and real is None, prefix=prefix))
 
-    def decode(self, idx, pos, slots, kv_cache: KVCache, causal: bool = False):
+    def decode(self, idx, pos, slots, kv_cache: KVCache, causal: bool = False, prefix=None):
         """hidden_states on the cache, with the new tokens' position ids (B, T) and cache slots
         (T,) given (see KVCache.claim). Every shape is fixed by the cache and T, and nothing
         here reads a Python number that changes from step to step, so with a static cache it
         can be compiled once for all steps. causal: plain causal attention needs no mask."""
-        ctx = self.attention_context(pos, kv_cache.pos[:, : kv_cache.span], slots, causal, kv_cache)
+        ctx = self.attention_context(pos, kv_cache.pos[:, : kv_cache.span], slots, causal, kv_cache, prefix)
         return self.run(idx, ctx)
 
-    def attention_context(self, pos, key_pos, slots, causal: bool, kv_cache: KVCache | None = None) -> AttentionContext:
+    def attention_context(self, pos, key_pos, slots, causal: bool, kv_cache: KVCache | None = None,
+                          prefix=None) -> AttentionContext:
         """What every layer's attention reads in this pass (see AttentionContext): the mask (None
         where plain causal attention needs none), RoPE's angles, the keys each query sees."""
         c = self.config
-        mask = None if causal else self.attention_mask(pos, key_pos, slots)
+        mask = None if causal else self.attention_mask(pos, key_pos, slots, prefix)
         rope = rope_angles(pos.clamp(min=0), c.rope_dim, c.rope_base) if c.position == "rope" else None
         ctx = AttentionContext(mask, pos, key_pos, slots, rope, kv_cache)
         if c.counts_keys:  # causal without a mask: query at position p sees p + 1 keys
@@ -430,7 +439,7 @@ class GPT(nn.Module):
             return x * math.sqrt(self.config.n_embd) + sinusoidal(pos, self.config.n_embd).to(x.dtype)
         return x
 
-    def attention_mask(self, q_pos, k_pos, slots):
+    def attention_mask(self, q_pos, k_pos, slots, prefix=None):
         """What attention adds to its scores, from position ids: q_pos (B or 1, T) of the queries,
         k_pos (B or 1, S) of the keys, -1 for padding and empty cache slots, and slots (T,), the
         key slot holding each query itself. Returns a (B or 1, 1, T, S) boolean mask, True where
@@ -441,13 +450,19 @@ class GPT(nn.Module):
         0 0 1 1 1; a pad's row holds only itself (no softmax row may be empty: NaN).
         An attention window of N also hides keys N or more positions behind the query, a sparse
         pattern keeps some distances only (gpt.attention.visible_by_pattern), and ALiBi's bias is
-        -slope_h x (query position - key position) on what stays visible.
+        -slope_h x (query position - key position) on what stays visible. With a prefix (B or 1,),
+        real queries and keys at positions below it also see each other forwards (ALiBi: -slope x
+        |distance|); the window and patterns apply after the prefix only.
         """
         distance = q_pos[:, :, None] - k_pos[:, None, :]  # (B or 1, T, S): how far back each key is
-        visible = (k_pos[:, None, :] >= 0) & (distance > 0) & visible_by_pattern(distance, self.config)
+        real_key = k_pos[:, None, :] >= 0
+        visible = real_key & (distance > 0) & visible_by_pattern(distance, self.config)
+        if prefix is not None:
+            within = (k_pos[:, None, :] < prefix[:, None, None]) & (q_pos[:, :, None] < prefix[:, None, None])
+            visible |= real_key & (q_pos[:, :, None] >= 0) & within
         visible |= slots[:, None] == torch.arange(k_pos.size(-1), device=slots.device)  # itself
         if self.config.position == "alibi":
-            bias = -self.alibi_slopes[:, None, None] * distance[:, None]  # (B or 1, H, T, S)
+            bias = -self.alibi_slopes[:, None, None] * distance.abs()[:, None]  # (B or 1, H, T, S)
             return bias.masked_fill(~visible[:, None], float("-inf"))
         return visible[:, None]
 

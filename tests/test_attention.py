@@ -281,3 +281,69 @@ def test_exporting_a_switched_model_to_hugging_face_is_refused(tmp_path):
         save_pretrained(model_with(attention="linear"), tmp_path / "hf")
     with pytest.raises(UserError, match="block = 'gau'"):
         save_pretrained(model_with(block="gau"), tmp_path / "hf")
+
+
+# ---- prefix (UniLM / T5) and bidirectional (BERT) attention -------------------------------------
+
+
+def test_the_prefix_mask_is_the_explicit_matrix():
+    model = model_with()
+    pos = torch.arange(6)[None]
+    mask = model.attention_mask(pos, pos, torch.arange(6), torch.tensor([3]))[0, 0].int()
+    expected = torch.tensor([[1, 1, 1, 0, 0, 0],  # positions 0-2: the prefix, seen both ways
+                             [1, 1, 1, 0, 0, 0],
+                             [1, 1, 1, 0, 0, 0],
+                             [1, 1, 1, 1, 0, 0],  # then causal
+                             [1, 1, 1, 1, 1, 0],
+                             [1, 1, 1, 1, 1, 1]])
+    assert torch.equal(mask, expected)
+
+
+@pytest.mark.parametrize("arch", [{}, dict(position="rope"), dict(position="alibi"), dict(block="gau"),
+                                  dict(attention="synthesizer_dense")], ids=["gpt2", "rope", "alibi", "gau", "synth"])
+def test_bidirectional_attention_lets_a_later_token_change_an_earlier_output(arch):
+    model = model_with(**arch)
+    model.transformer.wte.weight.data *= 50  # inputs of unit size, so that every mechanism mixes visibly
+    for block in model.transformer.h:  # and a GAU whose relu² weights are not ~1e-8 (as at initialisation)
+        for name in ("c_z", "c_uv", "c_proj"):
+            if hasattr(block.attn, name) and model.config.block == "gau":
+                getattr(block.attn, name).weight.data *= 20
+    idx = torch.randint(0, 61, (2, 10), generator=torch.Generator().manual_seed(2))
+    changed = idx.clone()
+    changed[:, -1] = (idx[:, -1] + 1) % 61
+    with torch.no_grad():
+        causal = model.hidden_states(idx), model.hidden_states(changed)
+        both = model.hidden_states(idx, prefix=10), model.hidden_states(changed, prefix=10)
+        half = model.hidden_states(idx, prefix=5), model.hidden_states(changed, prefix=5)
+    torch.testing.assert_close(causal[0][:, :9], causal[1][:, :9])  # GPT: the past does not see the future
+    assert (both[0][:, 0] - both[1][:, 0]).abs().max() > 1e-4  # BERT: it does
+    torch.testing.assert_close(half[0][:, :9], half[1][:, :9])  # prefix LM: not beyond the prefix
+    changed[:, 3] = (idx[:, 3] + 1) % 61  # a prefix token changes the prefix's first output
+    with torch.no_grad():
+        assert (model.hidden_states(changed, prefix=5)[:, 0] - half[0][:, 0]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("arch", [{}, dict(position="alibi", attention_window=3), dict(block="gau")],
+                         ids=["gpt2", "alibi-window", "gau"])
+def test_prefix_attention_with_left_padding_and_a_cache_equals_each_row_alone(arch):
+    from gpt.model import pad_sequences
+
+    model = model_with(**arch)
+    rows = [[5, 6, 7, 8, 9, 10], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [42, 43]]
+    prefix = torch.tensor([4, 6, 1])
+    idx, mask = pad_sequences(rows)
+    with torch.no_grad():
+        batch = model.hidden_states(idx, attention_mask=mask, prefix=prefix)
+        cache = model.new_kv_cache(3)
+        prefilled = model.hidden_states(idx, attention_mask=mask, kv_cache=cache, prefix=prefix)
+        step = model.hidden_states(torch.tensor([[7], [8], [9]]), kv_cache=cache)
+        for i, row in enumerate(rows):
+            alone = model.hidden_states(torch.tensor([row + [7 + i]]), prefix=int(prefix[i]))[0]
+            torch.testing.assert_close(batch[i, idx.size(1) - len(row):], alone[:-1], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(prefilled[i, idx.size(1) - len(row):], alone[:-1], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(step[i, 0], alone[-1], rtol=1e-5, atol=1e-5)
+
+
+def test_linear_attention_refuses_a_prefix():
+    with pytest.raises(UserError, match="has no bidirectional or prefix attention"):
+        model_with(attention="linear").hidden_states(torch.zeros(1, 4, dtype=torch.long), prefix=4)
