@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
 
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
-    model, tok, _ = load_language_model(args, device)
+    model, tok, _, _ = load_language_model(args, device)
     idx = torch.tensor([prompt_ids(text, tok)], device=device)
     prompt_text = "" if idx[0, 0] == tok.eot_token and idx.size(1) == 1 else tok.decode(idx[0].tolist())
     generator = torch.Generator(device=device).manual_seed(args.seed)

@@ -50,6 +50,7 @@ import random
 import shutil
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -359,24 +360,37 @@ def add_model_options(parser, ckpt_default: str, out_dir_default: str | None = N
     parser.set_defaults(model_defaults={"out_dir": out_dir_default, "ckpt": ckpt_default})
 
 
-def load_language_model(args, device=None) -> tuple[GPT, Tokenizer, str | None]:
-    """The model named by add_model_options' arguments: (model in eval mode, its tokenizer, the
-    data directory of its run, None for a Hugging Face model). A Hugging Face directory's tokenizer
+class LanguageModel(NamedTuple):
+    model: GPT  # in eval mode
+    tokenizer: Tokenizer
+    data_dir: str | None  # the data directory of its run (None for a Hugging Face model)
+    objective: str  # what it was trained to predict (gpt/objectives.py)
+
+
+def load_language_model(args, device=None, objectives: tuple[str, ...] = ("causal", "prefix"),
+                        why: str = "it cannot generate left to right") -> LanguageModel:
+    """The model named by add_model_options' arguments. A Hugging Face directory's tokenizer
     is the one gpt.hf.save_pretrained recorded there, else GPT-2's; a model whose vocabulary is not
-    that tokenizer's is refused (its ids would be read as other tokens)."""
+    that tokenizer's is refused (its ids would be read as other tokens). A model trained with an
+    objective not in `objectives` is refused (`why`: what the command needs that it lacks)."""
     if args.init_from:
         given = [f"--{name}" for name in ("out_dir", "ckpt") if getattr(args, name) is not None]
         if given:
             raise UserError(f"--init_from and {' and '.join(given)} both name the model: give --init_from for a "
                             f"Hugging Face model, or {' and '.join(given)} for a run of ours, not both")
         model, tokenizer = hf_language_model(args.init_from)
-        return model.to(device).eval(), tokenizer, None
+        return LanguageModel(model.to(device).eval(), tokenizer, None, "causal")
     out_dir = args.model_defaults["out_dir"] if args.out_dir is None else args.out_dir
     if not out_dir:
         raise UserError("name the model: --out_dir=DIR (a run of ours) or --init_from=gpt2 (a Hugging Face GPT-2)")
     ckpt_name = args.model_defaults["ckpt"] if args.ckpt is None else args.ckpt
-    model, tokenizer, ckpt = load_model(checkpoint_path(out_dir, ckpt_name), task="lm", device=device)
-    return model, tokenizer, ckpt["config"]["data"]["dir"]
+    path = checkpoint_path(out_dir, ckpt_name)
+    model, tokenizer, ckpt = load_model(path, task="lm", device=device)
+    objective = ckpt.get("objective", "causal")
+    if objective not in objectives:
+        raise UserError(f"{path} is a masked language model (lm.objective = {objective!r}, BERT's): {why}; "
+                        f"measure it with python -m gpt.evaluate, or fine-tune it on a task")
+    return LanguageModel(model, tokenizer, ckpt["config"]["data"]["dir"], objective)
 
 
 def load_model(path: str | Path, task: str = "lm", device=None) -> tuple[nn.Module, Tokenizer, dict]:

@@ -47,9 +47,10 @@ from gpt.checkpoint import add_model_options, load_language_model
 from gpt.dataset import TokenDataset
 from gpt.errors import ArgumentParser, UserError, exit_on_user_error
 from gpt.model import GPT, forward_bytes, pad_sequences
+from gpt.objectives import MASK, OBJECTIVES, mask_tokens
 from gpt.system import (Processes, all_reduce_sum, autocast, check_memory, finish_processes, pick_device, pick_dtype,
                         start_processes)
-from gpt.tokenizer import Tokenizer, from_spec
+from gpt.tokenizer import Tokenizer, base_spec, from_spec
 
 
 @dataclass
@@ -140,9 +141,13 @@ def choice_logprobs(model: GPT, context: list[int], endings: list[list[int]], de
 
 def evaluate_tokens(model: GPT, tokens: np.ndarray, name: str, context: int, stride: int, *, byte_lengths: np.ndarray,
                     batch_size: int = 8, device=None, dtype=torch.float32, procs: Processes | None = None,
-                    progress: bool | None = None) -> Result:
+                    progress: bool | None = None, masked: Tokenizer | None = None) -> Result:
     """Score a token stream with windows of `context` tokens every `stride` tokens (see `windows`).
-    Under torchrun each process scores every world_size-th batch; the sums are added exactly."""
+    Under torchrun each process scores every world_size-th batch; the sums are added exactly.
+
+    masked: a masked LM's tokenizer (with its mask token): score the masked-token loss instead,
+    BERT's corruption (gpt.objectives.mask_tokens) of each window's tokens, the same masks on
+    every run (each window's are drawn from its start); only chosen tokens are scored."""
     procs = procs or Processes()
     device = torch.device(device or "cpu")
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # nats, tokens, bytes
@@ -160,8 +165,12 @@ def evaluate_tokens(model: GPT, tokens: np.ndarray, name: str, context: int, str
         rows = torch.from_numpy(rows).to(device)
         x, y = rows[:, :-1], rows[:, 1:]
         scored = torch.arange(length, device=device)[None, :] >= torch.tensor([f for _, _, f in batch], device=device)[:, None]
+        if masked is not None:  # the window's own tokens, corrupted, predicted in place
+            x, y = (t.to(device) for t in mask_tokens(x.cpu(), None, [start for start, _, _ in batch], seed=0,
+                                                      mask_id=masked.added_id(MASK), vocab_size=masked.text_vocab_size))
+            scored, y = scored & (y >= 0), y.clamp(min=0)
         with autocast(device, dtype):
-            logits = model.logits(model.hidden_states(x))
+            logits = model.logits(model.hidden_states(x, prefix=None if masked is None else length))
         loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
         loss = loss.view(y.shape).double() * scored
         sums += torch.stack([loss.sum(), scored.sum().double(), (byte_lengths_t[y] * scored).sum().double()])
@@ -206,12 +215,12 @@ def token_sets(args, tok: Tokenizer, run_data: str | None) -> list[tuple[str, np
     split_name = args.split or "val"
     split = TokenDataset(data, split_name)
     theirs = from_spec(split.meta["tokenizer"])
-    if theirs.spec() != tok.spec():
+    if base_spec(theirs.spec()) != base_spec(tok.spec()):
         raise UserError(f"{data} holds {theirs.name} tokens ({theirs.vocab_size} ids), but the model reads {tok.name} "
                         f"tokens ({tok.vocab_size} ids): evaluate on data prepared with the model's tokenizer, or --text")
     if len(split) < 2:
         raise UserError(f"{split.path} holds {len(split)} token(s): nothing to evaluate")
-    split.check(1, tok.vocab_size)  # token ids the model has no embedding for: a damaged file
+    split.check(1, tok.text_vocab_size)  # token ids the model has no embedding for: a damaged file
     return [(f"{split_name} ({data})", split.tokens)]
 
 
@@ -294,17 +303,21 @@ def main(argv: list[str] | None = None) -> None:
     device = pick_device(args.device)
     procs = start_processes(device)
     dtype = pick_dtype(args.dtype, device)
-    model, tok, run_data = load_language_model(args, device)
+    model, tok, run_data, objective = load_language_model(args, device, OBJECTIVES)
     contexts = _contexts(args.context, model.max_context(), model.config.block_size, model.context_limit())
     sets = token_sets(args, tok, run_data)
     check_plan(model, sets, contexts, args.stride, args.batch_size, device, dtype)
     byte_lengths = tok.byte_lengths()
     results = [evaluate_tokens(model, tokens, name, c, c if args.stride is None else args.stride, byte_lengths=byte_lengths,
-                               batch_size=args.batch_size, device=device, dtype=dtype, procs=procs)
+                               batch_size=args.batch_size, device=device, dtype=dtype, procs=procs,
+                               masked=tok if objective == "mlm" else None)
                for name, tokens in sets for c in contexts]
     finish_processes()
     if not procs.is_main:
         return
+    if objective == "mlm":
+        print("a masked language model: the loss of the 15% of tokens BERT's corruption chose in each window, "
+              "predicted in place")
     print_table(results)
     if args.json:
         with atomic_path(args.json) as tmp:

@@ -5,6 +5,10 @@
     start.tokenizer    the tokenizer its token ids belong to
     start.checkpoint   the checkpoint being resumed (init_from = "resume"), else None
     start.source       where it came from, for messages
+    start.objective    what its weights were trained to predict (gpt/objectives.py): "causal"
+                       unless our checkpoint says "mlm" or "prefix"
+
+    start = with_tokens(start, ["mask"])   # added tokens (gpt.tokenizer.with_added), new embeddings
 
 run.init_from is one of:
 
@@ -36,7 +40,7 @@ from gpt.errors import UserError
 from gpt.hf import HUB_MODELS
 from gpt.model import GPT, GPTConfig
 from gpt.system import check_fits
-from gpt.tokenizer import Tokenizer, from_spec
+from gpt.tokenizer import Tokenizer, from_spec, with_added
 
 @dataclass
 class Start:
@@ -44,6 +48,7 @@ class Start:
     tokenizer: Tokenizer
     checkpoint: dict | None  # the checkpoint resumed, if any
     source: str
+    objective: str = "causal"
 
 
 def initial_model(cfg, *, scratch_tokenizer: Callable[[], Tokenizer], vocab_source: str,
@@ -81,7 +86,7 @@ def initial_model(cfg, *, scratch_tokenizer: Callable[[], Tokenizer], vocab_sour
         check_fits(GPTConfig(**ckpt["model_config"]).parameter_count(), device, f"the model in {path}")
         model = _checked(gpt_from_checkpoint(ckpt, _dropout(cfg)), cfg, f"the checkpoint in {cfg.run.out_dir}",
                          may_resize=False)
-        return Start(model, from_spec(ckpt["tokenizer"]), ckpt, str(path))
+        return Start(model, from_spec(ckpt["tokenizer"]), ckpt, str(path), ckpt.get("objective", "causal"))
 
     if kind == "checkpoint":  # a language model of ours: its weights
         path = our_checkpoint(init)
@@ -91,10 +96,19 @@ def initial_model(cfg, *, scratch_tokenizer: Callable[[], Tokenizer], vocab_sour
         model = gpt_from_checkpoint(ckpt, _dropout(cfg))
         load_weights(model, ckpt, path)
         note(f"backbone: the language model in {path} (iteration {ckpt['iter']})")
-        return Start(_checked(model, cfg, str(path)), from_spec(ckpt["tokenizer"]), None, str(path))
+        return Start(_checked(model, cfg, str(path)), from_spec(ckpt["tokenizer"]), None, str(path),
+                     ckpt.get("objective", "causal"))
 
     model, tokenizer = hf_language_model(init, dropout=cfg.model.dropout)  # Hugging Face GPT-2 (or an export of ours)
     return Start(_checked(model, cfg, init), tokenizer, None, init)
+
+
+def with_tokens(start: Start, names: list[str]) -> Start:
+    """`start` with the added tokens `names` in its tokenizer and model (new ones get new embeddings)."""
+    tokenizer = with_added(start.tokenizer, names)
+    if tokenizer.vocab_size > start.model.config.vocab_size:
+        start.model.grow_vocab(tokenizer.vocab_size)
+    return replace(start, tokenizer=tokenizer)
 
 
 def init_kind(init: str, scratch_if_missing: bool = False) -> str:

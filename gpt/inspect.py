@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
         check_outputs([("--out", picture)] + ([("--summary (beside --out)", summary_picture)] if args.summary else []))
 
     device = pick_device(args.device)
-    model, tok, run_data = load_language_model(args, device)
+    model, tok, run_data, _ = load_language_model(args, device, why="gpt.inspect draws causal (left-to-right) attention")
     layers = _pick(args.layers, model.config.n_layer, "layers")
     heads = _pick(args.heads, model.config.attention_heads, "heads")
     ids = tok.encode(args.prompt)

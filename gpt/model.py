@@ -459,7 +459,7 @@ class GPT(nn.Module):
         visible = real_key & (distance > 0) & visible_by_pattern(distance, self.config)
         if prefix is not None:
             within = (k_pos[:, None, :] < prefix[:, None, None]) & (q_pos[:, :, None] < prefix[:, None, None])
-            visible |= real_key & (q_pos[:, :, None] >= 0) & within
+            visible = visible | (real_key & (q_pos[:, :, None] >= 0) & within)  # (B, T, S) when prefix is (B,)
         visible |= slots[:, None] == torch.arange(k_pos.size(-1), device=slots.device)  # itself
         if self.config.position == "alibi":
             bias = -self.alibi_slopes[:, None, None] * distance.abs()[:, None]  # (B or 1, H, T, S)
@@ -508,6 +508,23 @@ class GPT(nn.Module):
         if "wpe" in self.transformer:
             self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].detach().clone())
 
+
+    def grow_vocab(self, vocab_size: int) -> None:
+        """Add token ids after the vocabulary (a tokenizer's added tokens: BERT's mask, GPT-1's
+        start / delimiter / extract), each with a new N(0, 0.02) embedding, which is also its
+        output row (tied). The padding rows are used first; past them the table is reallocated."""
+        old, c = self.config.vocab_size, self.config
+        if vocab_size < old:
+            raise ValueError(f"grow_vocab({vocab_size}) would shrink the vocabulary of {old}")
+        self.config = replace(c, vocab_size=vocab_size)
+        weight = self.transformer.wte.weight
+        if self.config.padded_vocab_size > weight.size(0):
+            table = weight.new_zeros(self.config.padded_vocab_size, weight.size(1))
+            table[: weight.size(0)] = weight.detach()
+            weight = self.transformer.wte.weight = self.lm_head.weight = nn.Parameter(table)
+            self.transformer.wte.num_embeddings = self.lm_head.out_features = table.size(0)
+        with torch.no_grad():
+            nn.init.normal_(weight[old:vocab_size], mean=0.0, std=0.02)
     def new_kv_cache(self, batch_size: int, dtype: torch.dtype | None = None, length: int | None = None,
                      spare: int = 0) -> KVCache:
         """An empty cache for `batch_size` rows on the model's device, in the model's dtype

@@ -14,6 +14,12 @@ needs the original corpus.
 just characters. The end-of-text id is inserted explicitly by whoever joins
 documents; `decode` shows it as "<|endoftext|>".
 
+Added tokens: `with_added(tok, ["mask"])` gives the same tokenizer with one more
+id after its vocabulary for each name (BERT's mask; GPT-1's start, delimiter and
+extract tokens). Text never encodes to them: a task inserts them by id
+(`tok.added_id("mask")`), and `decode` shows them as "<|mask|>". The spec lists
+them, so a checkpoint rebuilds the same ids.
+
 The GPT-2 ranks file ships with the package (gpt/assets/gpt2.tiktoken, MIT,
 OpenAI; the same file tiktoken downloads for r50k_base), is checked against its
 sha256 on load, and gives exactly `tiktoken.get_encoding("gpt2")`'s ids.
@@ -42,6 +48,11 @@ class Tokenizer:
     name: str
     vocab_size: int  # ids are 0 .. vocab_size - 1, the end-of-text id included
     eot_token: int
+
+    @property
+    def text_vocab_size(self) -> int:
+        """The ids text encodes to (and end-of-text): all of them but added tokens."""
+        return self.vocab_size
 
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError
@@ -217,6 +228,63 @@ class ByteTokenizer(_SeparatedDecoder):
         return b"" if token == self.eot_token else bytes([token])
 
 
+# ---- added tokens ----------------------------------------------------------------
+
+
+class AddedTokens(Tokenizer):
+    """A tokenizer plus special ids after its vocabulary, one per name (see the module docstring)."""
+
+    def __init__(self, base: Tokenizer, names: list[str]):
+        if isinstance(base, AddedTokens):
+            base, names = base.base, base.added + [n for n in names if n not in base.added]
+        self.base, self.added = base, list(names)
+        self.name, self.eot_token = base.name, base.eot_token
+        self.vocab_size = base.vocab_size + len(self.added)
+
+    @property
+    def text_vocab_size(self) -> int:
+        return self.base.vocab_size
+
+    def added_id(self, name: str) -> int:
+        return self.base.vocab_size + self.added.index(name)
+
+    def encode(self, text: str) -> list[int]:
+        return self.base.encode(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.base.encode_batch(texts)
+
+    def encode_to_numpy(self, text: str) -> np.ndarray:
+        return self.base.encode_to_numpy(text)
+
+    def decode(self, ids) -> str:
+        pieces, run = [], []
+        for i in map(int, ids):
+            if i >= self.base.vocab_size:
+                pieces += [self.base.decode(run), f"<|{self.added[i - self.base.vocab_size]}|>"]
+                run = []
+            else:
+                run.append(i)
+        return "".join(pieces + [self.base.decode(run)])
+
+    def token_bytes(self, token: int) -> bytes:
+        return b"" if token >= self.base.vocab_size else self.base.token_bytes(token)
+
+    def spec(self) -> dict:
+        return {**self.base.spec(), "added": self.added}
+
+
+def with_added(tok: Tokenizer, names: list[str]) -> Tokenizer:
+    """`tok` with the added tokens `names` (those it has already keep their ids; new ones follow)."""
+    have = tok.added if isinstance(tok, AddedTokens) else []
+    return tok if all(n in have for n in names) else AddedTokens(tok, names)
+
+
+def base_spec(spec: dict) -> dict:
+    """A tokenizer spec without its added tokens: what ids text encodes to."""
+    return {k: v for k, v in spec.items() if k != "added"}
+
+
 # ---- lookup ------------------------------------------------------------------------
 
 TOKENIZERS = ("gpt2", "char", "byte")
@@ -237,6 +305,8 @@ def get_tokenizer(name: str, *, text: str | None = None) -> Tokenizer:
 
 def from_spec(spec: dict) -> Tokenizer:
     """Rebuild a tokenizer from `Tokenizer.spec()` (as stored in meta.json and checkpoints)."""
+    if spec.get("added"):
+        return AddedTokens(from_spec(base_spec(spec)), list(spec["added"]))
     name = spec.get("name")
     if name == "char":
         if "chars" not in spec:

@@ -5,26 +5,48 @@ tokens (gpt.dataset). A shipped corpus such as data/shakespeare/char is
 prepared from its texts on first use. Evaluation reports the mean loss on a
 fixed set of windows of each split (eval.eval_iters batches of batch.batch_size
 windows, shared out among the processes: the same set on any number of them).
+
+What is predicted is lm.objective (gpt/objectives.py): "causal" (GPT, the default),
+"mlm" (BERT's masked LM: bidirectional attention, 15% of the tokens corrupted and
+predicted; the mask token is added to the data's tokenizer) or "prefix" (the prefix
+LM: a random split point per window, bidirectional before it, loss after it). The
+loss reported is the objective's: next-token loss, masked-token loss, or next-token
+loss on the suffixes.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from gpt.dataset import TokenDataset, WindowSampler, eval_indices
-from gpt.errors import UserError
-from gpt.init import Start, initial_model
+from gpt.errors import UserError, require
+from gpt.init import Start, initial_model, with_tokens
 from gpt.model import GPT
+from gpt.objectives import MASK, OBJECTIVES, objective_batch
 from gpt.prepare import ensure_prepared
 from gpt.system import Processes, barrier, to_device
-from gpt.tokenizer import TOKENIZERS, from_spec
+from gpt.tokenizer import TOKENIZERS, base_spec, from_spec, with_added
+
+EVAL_KEYS = 1 << 40  # evaluation windows draw their masks and split points from keys above the training stream's
+
+
+@dataclass
+class LMConfig:
+    """The [lm] section of a config."""
+
+    objective: str = "causal"  # causal (GPT) | mlm (BERT's masked LM) | prefix (prefix LM): gpt/objectives.py
+
+    def __post_init__(self):
+        require(self.objective in OBJECTIVES, "objective", f"one of {', '.join(OBJECTIVES)}", self.objective)
 
 
 class LanguageModeling:
-    Settings = None  # data, model and batch settings are the common sections
+    Settings = LMConfig  # data, model and batch settings are the common sections
     best_metric, higher_is_better = "val_loss", False
     eval_splits, final_splits = ("train", "val"), ()
 
@@ -37,7 +59,9 @@ class LanguageModeling:
                 ensure_prepared(data_dir.parent, data_dir.name, val_fraction=cfg.data.val_fraction)
             barrier()
         self.data = {split: TokenDataset(data_dir, split) for split in ("train", "val")}
-        self.tokenizer_spec = self.data["train"].meta["tokenizer"]
+        self.objective = cfg.lm.objective
+        self.added = [MASK] if self.objective == "mlm" else []
+        self.tokenizer_spec = with_added(from_spec(self.data["train"].meta["tokenizer"]), self.added).spec()
 
     # ---- the model ---------------------------------------------------------------------------------
 
@@ -47,9 +71,11 @@ class LanguageModeling:
                               note=self.procs.note, device=device)
         if start.source != "scratch":  # weights trained on some tokens
             self._check_tokenizer(start)
+            start = with_tokens(start, self.added)
+        self.tokenizer = start.tokenizer
         self.T, self.batch_size = start.model.config.block_size, cfg.batch.batch_size
         for data in self.data.values():
-            data.check(self.T, start.model.config.vocab_size)
+            data.check(self.T, self.tokenizer.text_vocab_size)
         p = self.procs
         self.sampler = WindowSampler(self.data["train"].num_windows(self.T), self.batch_size, seed=cfg.run.seed,
                                      rank=p.rank, world_size=p.world_size)
@@ -63,7 +89,7 @@ class LanguageModeling:
     def _check_tokenizer(self, start: Start) -> None:
         """Weights trained on other tokens than the data's would read it as noise."""
         theirs, ours = start.tokenizer, from_spec(self.tokenizer_spec)
-        if theirs.spec() != ours.spec():
+        if base_spec(theirs.spec()) != base_spec(ours.spec()):
             raise UserError(f"{start.source} reads {theirs.name} tokens ({theirs.vocab_size} ids), but {self.cfg.data.dir} "
                             f"holds {ours.name} tokens ({ours.vocab_size} ids): use data prepared with the model's tokenizer")
 
@@ -88,10 +114,19 @@ class LanguageModeling:
                 f"({self.batch_size} x {self.T} x {grad_accum} accumulation x {w})")
 
     def next_batch(self) -> tuple[torch.Tensor, ...]:
-        return self.data["train"].batch(self.sampler.next_indices(), self.T)
+        first = self.sampler.position + self.sampler.rank * self.batch_size  # the windows' places in the stream
+        return self._batch("train", self.sampler.next_indices(), first + np.arange(self.batch_size))
+
+    def _batch(self, split: str, indices, keys) -> tuple[torch.Tensor, ...]:
+        """The objective's (inputs, targets[, prefix]) for windows `indices` of a split."""
+        x, y = self.data[split].batch(indices, self.T)
+        windows = torch.cat([x, y[:, -1:]], dim=1)
+        mask_id = self.tokenizer.added_id(MASK) if self.added else None
+        return objective_batch(self.objective, windows, keys, seed=self.cfg.run.seed, mask_id=mask_id,
+                               vocab_size=self.tokenizer.text_vocab_size)
 
     def loss(self, model, batch) -> torch.Tensor:
-        return model(*batch)[1]
+        return forward(model, batch)[1]
 
     # ---- evaluation ------------------------------------------------------------------------------------
 
@@ -99,9 +134,10 @@ class LanguageModeling:
     def evaluate(self, model, split: str, device, each_batch: Callable) -> dict[str, torch.Tensor]:
         total, windows = torch.zeros((), device=device), 0
         for indices in self.eval_batches[split]:
-            batch = self.data[split].batch(indices if len(indices) else [0], self.T)  # [0]: a stand-in, not counted
+            read = indices if len(indices) else [0]  # [0]: a stand-in, not counted
+            batch = self._batch(split, read, EVAL_KEYS + np.asarray(read))
             with each_batch():
-                total += model(*to_device(batch, device))[1].float() * len(indices)
+                total += forward(model, to_device(batch, device))[1].float() * len(indices)
             windows += len(indices)
         return {"loss": total, "windows": torch.tensor(float(windows), device=device)}
 
@@ -118,4 +154,9 @@ class LanguageModeling:
         self.sampler.load_state_dict(state)
 
     def checkpoint_info(self) -> dict:
-        return {"tokenizer": self.tokenizer_spec}
+        return {"tokenizer": self.tokenizer.spec(), "objective": self.objective}
+
+
+def forward(model, batch: tuple[torch.Tensor, ...]):
+    """model(inputs, targets[, prefix=...]): the batch objective_batch made."""
+    return model(*batch[:2], prefix=batch[2]) if len(batch) > 2 else model(*batch)
