@@ -18,7 +18,11 @@ pickled classes), so it loads with torch.load(..., weights_only=True).
     iter, best, best_metric, evals_since_best, wandb_id
                        the loop's state (gpt.trainer.TrainState)
     metrics            the evaluation made at this iteration, or None (saved on a signal)
-    labels, classify   task "classify" only: the label names in head order, the [classify] settings
+    objective          what the language model (or a classifier's backbone) was trained to predict:
+                       "causal", "mlm" or "prefix" (gpt/objectives.py; absent: causal)
+    labels, TASK, combine   fine-tuning tasks (classify, entailment, similarity, multiple_choice):
+                       the head's outputs in order, the task's settings section, and how an
+                       example's sequences are combined (GPTClassifier)
     shards             instead of model and optimizer, under FSDP: the name of the directory
                        beside the file that holds them, written by every process (below)
     micro_batches_per_step   batch.batch_size micro-batches per optimiser step, over all
@@ -299,17 +303,19 @@ def checkpoint_path(out_dir: str | Path, ckpt: str) -> Path:
     return Path(ckpt) if Path(ckpt).parent != Path(".") else Path(out_dir) / ckpt
 
 
-NOUNS = {"lm": "language model", "classify": "classifier"}  # what each task's checkpoints hold
+FINE_TUNED = ("classify", "entailment", "similarity", "multiple_choice")  # a GPTClassifier; python -m gpt.classify
+NOUNS = {"lm": "language model", FINE_TUNED: "fine-tuned classifier"}  # what each task's checkpoints hold
 READERS = {"lm": "generate text from it with python sample.py --ckpt={path}",
-           "classify": "label texts with it: python -m gpt.classify --out_dir={dir}"}
+           **{task: "predict with it: python -m gpt.classify --out_dir={dir}" for task in FINE_TUNED}}
 
 
-def check_task(ckpt: dict, path: str | Path, task: str, hint: str = "") -> None:
-    """Refuse a checkpoint of another task, with `hint` or else the command that reads it."""
+def check_task(ckpt: dict, path: str | Path, task: str | tuple[str, ...], hint: str = "") -> None:
+    """Refuse a checkpoint of another task (or of none of a tuple's), with `hint` or else the
+    command that reads it."""
     found = ckpt.get("task", "lm")
-    if found != task:
+    if found not in ((task,) if isinstance(task, str) else task):
         hint = hint or READERS.get(found, "use the command of that task").format(path=path, dir=Path(path).parent)
-        raise UserError(f"{path} is a {found} checkpoint, not a {NOUNS.get(task, task + ' model')}: {hint}")
+        raise UserError(f"{path} is a {found} checkpoint, not a {NOUNS.get(task, f'{task} model')}: {hint}")
 
 
 def gpt_from_checkpoint(ckpt: dict, dropout: float | None = None) -> GPT:
@@ -322,11 +328,13 @@ def gpt_from_checkpoint(ckpt: dict, dropout: float | None = None) -> GPT:
 
 
 def network_from_checkpoint(ckpt: dict) -> nn.Module:
-    """The network a checkpoint's weights belong to (weights not loaded): a GPT, or for task
-    "classify" a GPTClassifier around one."""
+    """The network a checkpoint's weights belong to (weights not loaded): a GPT, or for a
+    fine-tuning task a GPTClassifier around one (its head as the checkpoint records)."""
     backbone = gpt_from_checkpoint(ckpt)
-    if ckpt.get("task", "lm") == "classify":
-        return GPTClassifier(backbone, len(ckpt["labels"]))
+    if ckpt.get("task", "lm") in FINE_TUNED:
+        combine = ckpt.get("combine", "sum")
+        return GPTClassifier(backbone, 1 if combine == "choice" else len(ckpt["labels"]), combine=combine,
+                             bidirectional=ckpt.get("objective", "causal") != "causal")
     return backbone
 
 

@@ -584,37 +584,55 @@ class GPT(nn.Module):
 
 
 class GPTClassifier(nn.Module):
-    """A GPT backbone with a classification head on the final hidden state of each
-    sequence's last real token (GPT-1; transformers' GPT2ForSequenceClassification).
+    """A GPT backbone with a linear head on the final hidden state of each sequence's last real
+    token (GPT-1; transformers' GPT2ForSequenceClassification).
 
-    Padding may be on either side: attention_mask marks the real tokens, and the result
-    is the same. lm_loss_weight > 0 adds GPT-1's auxiliary language-modelling loss on
-    the same texts.
+    idx (B, L): one sequence per example, logits (B, n_out). idx (B, K, L): K sequences per
+    example (GPT-1's input transformations), combined by `combine`:
+        "sum"     their final states are added, then the head: (B, n_out) (similarity: both orders)
+        "choice"  the head (n_out = 1) scores each sequence: (B, K), a softmax across candidates
+                  (multiple choice)
+    Padding may be on either side: attention_mask marks the real tokens, and the result is the
+    same. bidirectional: every real token sees every other (a backbone pretrained as a masked or
+    prefix LM); else causal. lm_loss_weight > 0 adds GPT-1's auxiliary language-modelling loss
+    on the same sequences (causal backbones only).
     """
 
-    def __init__(self, backbone: GPT, n_classes: int, dropout: float = 0.1):
+    COMBINE = ("sum", "choice")
+
+    def __init__(self, backbone: GPT, n_out: int, dropout: float = 0.1, combine: str = "sum",
+                 bidirectional: bool = False):
         super().__init__()
-        self.backbone = backbone
+        if combine not in self.COMBINE:
+            raise ValueError(f"combine must be one of {self.COMBINE}, got {combine!r}")
+        self.backbone, self.combine, self.bidirectional = backbone, combine, bidirectional
         self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(backbone.config.n_embd, n_classes)
+        # "choice": a bias would add the same to every answer's score, which the softmax cancels
+        self.head = nn.Linear(backbone.config.n_embd, n_out, bias=combine == "sum")
         nn.init.normal_(self.head.weight, std=0.02)
-        nn.init.zeros_(self.head.bias)
+        if self.head.bias is not None:
+            nn.init.zeros_(self.head.bias)
 
     @property
     def config(self) -> GPTConfig:
         return self.backbone.config
 
     def forward(self, idx, attention_mask=None, labels=None, lm_loss_weight: float = 0.0):
-        """-> (logits (B, n_classes), loss or None)."""
-        mask = torch.ones_like(idx) if attention_mask is None else attention_mask
-        h = self.backbone.hidden_states(idx, attention_mask=mask)
+        """-> (logits (B, n_out), or (B, K) for "choice"; loss or None)."""
+        B, L = idx.size(0), idx.size(-1)
+        idx = idx.reshape(-1, L)  # (B * K, L)
+        mask = torch.ones_like(idx) if attention_mask is None else attention_mask.reshape(-1, L)
+        h = self.backbone.hidden_states(idx, attention_mask=mask, prefix=L if self.bidirectional else None)
         # the last real token: the last column where the mask is 1
         last = mask.size(1) - 1 - mask.flip(1).argmax(dim=1)
-        logits = self.head(self.dropout(h[torch.arange(len(idx), device=idx.device), last]))
+        states = self.dropout(h[torch.arange(len(idx), device=idx.device), last]).view(B, -1, h.size(-1))
+        logits = self.head(states.sum(1)) if self.combine == "sum" else self.head(states)[..., 0]
         if labels is None:
             return logits, None
         loss = F.cross_entropy(logits.float(), labels)
         if lm_loss_weight:
+            if self.bidirectional:
+                raise UserError("lm_loss_weight needs a causal backbone: this one sees every token both ways")
             real = mask.bool()
             targets = idx[:, 1:].masked_fill(~(real[:, 1:] & real[:, :-1]), -1)  # next token within the text
             lm_logits = self.backbone.logits(h[:, :-1]).float()

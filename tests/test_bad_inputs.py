@@ -259,7 +259,7 @@ CLASSIFY = [
     ("output without input", lambda c: [f"--out_dir={c.w['clf']}", "text", f"--output={c.tmp / 'p.jsonl'}"], "give --input too"),
     ("nothing", lambda c: [f"--out_dir={c.w['clf']}"], "nothing to classify"),
     ("empty text", lambda c: [f"--out_dir={c.w['clf']}", " "], "an empty text cannot be classified"),
-    ("a language model", lambda c: [f"--out_dir={c.w['lm']}", "hello"], "is a lm checkpoint, not a classifier"),
+    ("a language model", lambda c: [f"--out_dir={c.w['lm']}", "hello"], "is a lm checkpoint, not a fine-tuned classifier"),
     ("typo", lambda c: [f"--out_dir={c.w['clf']}", "--batchsize=3", "hi"], "did you mean --batch_size?"),
 ]
 

@@ -35,12 +35,15 @@ def gpt_imports(path) -> set[str]:
             visit(child)
 
     visit(ast.parse(path.read_text()))
-    # importing gpt.tasks.lm runs gpt/tasks/__init__.py first: a dependency on the package too
+    # importing gpt.tasks.lm runs gpt/tasks/__init__.py first: a dependency on the package too, except
+    # for a module inside that package (gpt.tasks.gpt1 importing gpt.tasks.classify), which the package's
+    # __init__ has necessarily started to import already
+    me = module_name(path)
     for name in list(found):
         parts = name.split(".")
-        found.update(".".join(parts[:i]) for i in range(2, len(parts)))
+        found.update(p for p in (".".join(parts[:i]) for i in range(2, len(parts))) if not me.startswith(p + "."))
     found.discard("gpt")  # the package itself: errors + lazy access to GPT / GPTConfig
-    return found - {module_name(path)}
+    return found - {me}
 
 
 def import_graph() -> dict[str, set[str]]:

@@ -24,7 +24,7 @@ import torch
 
 from gpt.dataset import WindowSampler
 from gpt.errors import UserError, require
-from gpt.init import Start, initial_model
+from gpt.init import Start, initial_model, with_tokens
 from gpt.model import GPTClassifier, pad_sequences
 from gpt.prepare import jsonl_records
 from gpt.system import Processes, to_device
@@ -35,14 +35,13 @@ BEST_METRICS = ("val_loss", "accuracy", "macro_f1")
 
 
 @dataclass
-class ClassifyConfig:
-    """The [classify] section of a config."""
+class LabeledConfig:
+    """What every fine-tuning task's section has ([classify], and gpt/tasks/gpt1.py's)."""
 
-    train_file: str = ""  # CSV, TSV or JSON Lines with a text and a label column
+    train_file: str = ""  # CSV, TSV or JSON Lines with the task's text columns and a label column
     val_file: str = ""  # "": a stratified split of train_file (val_fraction)
     test_file: str = ""  # optional: evaluated with the best checkpoint at the end
     val_fraction: float = 0.1
-    text_column: str = "text"
     label_column: str = "label"
     truncate: str = "head"  # texts longer than block_size keep their "head" or their "tail"
     tokenizer: str = "gpt2"  # from scratch only; a pretrained backbone brings its own
@@ -60,6 +59,13 @@ class ClassifyConfig:
         require(self.best_metric in BEST_METRICS, "best_metric", f"one of {', '.join(BEST_METRICS)}", self.best_metric)
 
 
+@dataclass
+class ClassifyConfig(LabeledConfig):
+    """The [classify] section of a config."""
+
+    text_column: str = "text"
+
+
 # ---- labelled data ----------------------------------------------------------------------------------
 
 
@@ -71,30 +77,45 @@ def read_labeled(path: str | Path, text_column: str, label_column: str | None,
     texts only (labels are then None). Rows whose text is empty are skipped and counted.
     Errors name the file and line; `setting` is what named the file (for messages).
     """
+    texts, labels, skipped = [], [], 0
+    for where, row in read_rows(path, setting):
+        require_columns(where, row, [text_column, label_column])
+        if not filled(row[text_column]):
+            skipped += 1
+            continue
+        texts.append(str(row[text_column]))
+        labels.append(None if label_column is None else row_label(where, row, label_column))
+    if not texts:
+        raise UserError(f"{path} holds no rows with text")
+    return texts, labels, skipped
+
+
+def read_rows(path: str | Path, setting: str):
+    """(where, row) of each record of a CSV, TSV or JSON Lines file; where is "file:line"."""
     path = Path(path)
     if not path.is_file():
         what = "is a directory" if path.is_dir() else "does not exist"
         raise UserError(f"{setting}: {path} {what}: name a CSV, TSV or JSON Lines file")
-    rows = _jsonl_rows(path) if ".jsonl" in path.suffixes else _csv_rows(path)
-    texts, labels, skipped = [], [], 0
-    for where, row in rows:
-        missing = [c for c in (text_column, label_column) if c is not None and c not in row]
-        if missing:
-            found = excerpt(", ".join(map(str, row)))
-            raise UserError(f"{where}: no column {missing[0]!r} (columns found: {found}): "
-                            f"name the right text and label columns")
-        text = row[text_column]
-        if text is None or not str(text).strip():
-            skipped += 1
-            continue
-        label = None if label_column is None else row[label_column]
-        if label_column is not None and (label is None or str(label).strip() == ""):
-            raise UserError(f"{where}: the label is empty: every row needs a label")
-        texts.append(str(text))
-        labels.append(None if label is None else str(label).strip())
-    if not texts:
-        raise UserError(f"{path} holds no rows with text")
-    return texts, labels, skipped
+    return _jsonl_rows(path) if ".jsonl" in path.suffixes else _csv_rows(path)
+
+
+def require_columns(where: str, row: dict, columns) -> None:
+    missing = [c for c in columns if c is not None and c not in row]
+    if missing:
+        found = excerpt(", ".join(map(str, row)))
+        raise UserError(f"{where}: no column {missing[0]!r} (columns found: {found}): name the right columns")
+
+
+def filled(value) -> bool:
+    """A text that is there: not missing, not empty or blank."""
+    return value is not None and bool(str(value).strip())
+
+
+def row_label(where: str, row: dict, label_column: str) -> str:
+    """A row's label as a string ("1" and 1 are the same label); an empty one is refused."""
+    if not filled(row[label_column]):
+        raise UserError(f"{where}: the label is empty: every row needs a label")
+    return str(row[label_column]).strip()
 
 
 def excerpt(text: str, limit: int = 80) -> str:
@@ -148,22 +169,23 @@ def stratified_split(labels: list[str], fraction: float, seed: int) -> tuple[lis
 
 
 class ClassificationData:
-    """Tokenised texts and label ids; batches padded to their longest text."""
+    """Each example's token sequences (one, or K for GPT-1's transformations) and label ids;
+    batches padded to their longest sequence."""
 
-    def __init__(self, texts: list[str], label_ids: list[int], tokenizer: Tokenizer, block_size: int,
-                 truncate: str = "head"):
-        self.tokens = []
-        for text in texts:
-            ids = tokenizer.encode(text)
-            self.tokens.append(ids[:block_size] if truncate == "head" else ids[-block_size:])
+    def __init__(self, sequences: list[list[list[int]]], label_ids: list[int]):
+        self.sequences = sequences
         self.labels = torch.tensor(label_ids, dtype=torch.long)
 
     def __len__(self) -> int:
-        return len(self.tokens)
+        return len(self.sequences)
 
     def batch(self, indices, pad_id: int = 0, left: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(idx, attention_mask, labels) for rows `indices`: (B, longest) ids, 1/0 mask, (B,) labels."""
-        idx, mask = pad_sequences([self.tokens[i] for i in indices], pad_id, left=left)
+        """(idx, attention_mask, labels) for rows `indices`: ids and 1/0 mask of shape (B, longest),
+        or (B, K, longest) when the examples have K sequences each; (B,) labels."""
+        rows = [self.sequences[i] for i in indices]
+        idx, mask = pad_sequences([seq for row in rows for seq in row], pad_id, left=left)
+        if len(rows[0]) > 1:
+            idx, mask = idx.view(len(rows), -1, idx.size(1)), mask.view(len(rows), -1, mask.size(1))
         return idx, mask, self.labels[torch.as_tensor(indices, dtype=torch.long)]
 
 
@@ -171,33 +193,67 @@ class ClassificationData:
 
 
 class Classification:
+    """Labelled single texts. gpt/tasks/gpt1.py's tasks are this with other examples: they
+    override the class attributes and the methods of the next section."""
+
     Settings = ClassifyConfig
+    added_tokens: tuple[str, ...] = ()  # tokens the examples are written with (gpt.tokenizer.with_added)
+    combine = "sum"  # how an example's sequences make its scores (GPTClassifier)
+    noun = "texts"  # what an example is, for messages
+
+    # ---- the examples ----------------------------------------------------------------------------------
+
+    @classmethod
+    def read(cls, path, settings, setting: str, labelled: bool = True) -> tuple[list, list, int]:
+        """(examples, labels (None if not labelled), rows skipped for empty text) of a file."""
+        return read_labeled(path, settings.text_column, settings.label_column if labelled else None, setting)
+
+    @classmethod
+    def texts(cls, example) -> list[str]:
+        """The texts of an example (a scratch tokenizer's vocabulary comes from them)."""
+        return [example]
+
+    @classmethod
+    def encode(cls, example, tok: Tokenizer, block_size: int, settings) -> list[list[int]]:
+        """The token sequences the network reads for one example, each at most block_size."""
+        ids = tok.encode(example)
+        return [ids[:block_size] if settings.truncate == "head" else ids[-block_size:]]
+
+    @classmethod
+    def describe(cls, example, settings) -> dict:
+        """An example as the fields of a predictions line (gpt.classify)."""
+        return {"text": example}
+
+    def label_names(self, examples: list, labels: list[str]) -> list[str]:
+        """The head's outputs in order (examples, labels: the training data)."""
+        return label_order(labels)
+
+    # ---- the data ----------------------------------------------------------------------------------------
 
     def __init__(self, cfg, procs: Processes):  # cfg: the run's gpt.config.Config
-        c = cfg.classify
+        task = cfg.run.task
+        c = getattr(cfg, task)
         self.cfg, self.settings, self.procs = cfg, c, procs
         self.best_metric, self.higher_is_better = c.best_metric, c.best_metric != "val_loss"
         if not c.train_file:
-            raise UserError('run.task = "classify" needs classify.train_file (a CSV, TSV or JSONL file)')
-        texts, labels, skipped = read_labeled(c.train_file, c.text_column, c.label_column)
+            raise UserError(f'run.task = "{task}" needs {task}.train_file (a CSV, TSV or JSONL file)')
+        examples, labels, skipped = self.read(c.train_file, c, f"{task}.train_file")
         if c.val_file:
-            val_texts, val_labels, skipped_val = read_labeled(c.val_file, c.text_column, c.label_column,
-                                                              "classify.val_file")
+            val_examples, val_labels, skipped_val = self.read(c.val_file, c, f"{task}.val_file")
             skipped += skipped_val
         else:
             train_rows, val_rows = stratified_split(labels, c.val_fraction, cfg.run.seed)
             if not val_rows:
-                raise UserError("no validation data: set classify.val_file or a classify.val_fraction above 0")
-            val_texts, val_labels = [texts[i] for i in val_rows], [labels[i] for i in val_rows]
-            texts, labels = [texts[i] for i in train_rows], [labels[i] for i in train_rows]
-        self.labels = label_order(labels)
+                raise UserError(f"no validation data: set {task}.val_file or a {task}.val_fraction above 0")
+            val_examples, val_labels = [examples[i] for i in val_rows], [labels[i] for i in val_rows]
+            examples, labels = [examples[i] for i in train_rows], [labels[i] for i in train_rows]
+        self.labels = self.label_names(examples, labels)
         if len(self.labels) < 2:
             raise UserError(f"{c.train_file} has a single label ({self.labels[0]!r}): classification needs two or more")
-        self.raw = {"train": (texts, labels), "val": (val_texts, val_labels)}
+        self.raw = {"train": (examples, labels), "val": (val_examples, val_labels)}
         if c.test_file:
-            test_texts, test_labels, skipped_test = read_labeled(c.test_file, c.text_column, c.label_column,
-                                                                 "classify.test_file")
-            self.raw["test"] = (test_texts, test_labels)
+            test_examples, test_labels, skipped_test = self.read(c.test_file, c, f"{task}.test_file")
+            self.raw["test"] = (test_examples, test_labels)
             skipped += skipped_test
         for split, (_, split_labels) in self.raw.items():
             unseen = sorted(set(split_labels) - set(self.labels))
@@ -205,36 +261,45 @@ class Classification:
                 raise UserError(f"the {split} data has label(s) never seen in training: {', '.join(map(repr, unseen))}: "
                                 f"add training examples or remove those rows")
         self.eval_splits, self.final_splits = ("val",), ("test",) if c.test_file else ()
-        procs.note(f"classify: {len(texts)} training texts ({', '.join(f'{lab} {labels.count(lab)}' for lab in self.labels)}), "
-                   f"{len(val_texts)} validation" + (f", {len(self.raw['test'][0])} test" if c.test_file else "")
+        procs.note(f"{task}: {len(examples)} training {self.noun} "
+                   f"({', '.join(f'{lab} {labels.count(lab)}' for lab in self.labels)}), {len(val_examples)} validation"
+                   + (f", {len(self.raw['test'][0])} test" if c.test_file else "")
                    + (f"; skipped {skipped} row(s) with empty text" if skipped else ""))
 
     # ---- the model -----------------------------------------------------------------------------------
 
     def build_model(self, device) -> tuple[GPTClassifier, Start]:
-        cfg, c = self.cfg, self.settings
-        start = initial_model(cfg, scratch_tokenizer=lambda: get_tokenizer(c.tokenizer, text="".join(self.raw["train"][0])),
+        cfg, c, task = self.cfg, self.settings, self.cfg.run.task
+        corpus = lambda: "".join(t for example in self.raw["train"][0] for t in self.texts(example))  # noqa: E731
+        start = initial_model(cfg, scratch_tokenizer=lambda: get_tokenizer(c.tokenizer, text=corpus()),
                               vocab_source=f"the {c.tokenizer} tokenizer", scratch_if_missing=c.scratch_if_missing,
                               note=self.procs.note, device=device)
         if start.checkpoint is not None and start.checkpoint["labels"] != self.labels:
             raise UserError(f"the checkpoint in {cfg.run.out_dir} has labels {start.checkpoint['labels']}, the data "
                             f"{self.labels}: resume with the same data")
-        self.tokenizer = start.tokenizer
-        if cfg.is_set("classify.tokenizer") and start.checkpoint is None and c.tokenizer != self.tokenizer.name:
-            raise UserError(f"classify.tokenizer = {c.tokenizer!r}, but the backbone uses the {self.tokenizer.name} "
-                            f"tokenizer: remove classify.tokenizer or start from a {c.tokenizer} backbone")
+        if cfg.is_set(f"{task}.tokenizer") and start.checkpoint is None and c.tokenizer != start.tokenizer.name:
+            raise UserError(f"{task}.tokenizer = {c.tokenizer!r}, but the backbone uses the {start.tokenizer.name} "
+                            f"tokenizer: remove {task}.tokenizer or start from a {c.tokenizer} backbone")
+        start = with_tokens(start, list(self.added_tokens))
+        self.tokenizer, self.objective = start.tokenizer, start.objective
+        if c.lm_loss_weight and self.objective != "causal":
+            raise UserError(f"{task}.lm_loss_weight is next-token prediction, but the backbone was trained as a "
+                            f"{self.objective} LM and reads every token both ways: set {task}.lm_loss_weight = 0")
         backbone = start.model
         if c.freeze_backbone:
             backbone.requires_grad_(False)
 
         self.batch_size, T = cfg.batch.batch_size, backbone.config.block_size
         ids = {lab: i for i, lab in enumerate(self.labels)}
-        self.data = {split: ClassificationData(texts, [ids[lab] for lab in labels], self.tokenizer, T, c.truncate)
-                     for split, (texts, labels) in self.raw.items()}
+        self.data = {split: ClassificationData([self.encode(e, self.tokenizer, T, c) for e in examples],
+                                               [ids[lab] for lab in labels])
+                     for split, (examples, labels) in self.raw.items()}
         p = self.procs
         self.sampler = WindowSampler(len(self.data["train"]), self.batch_size, seed=cfg.run.seed,
                                      rank=p.rank, world_size=p.world_size)
-        return GPTClassifier(backbone, len(self.labels), dropout=c.head_dropout), start
+        model = GPTClassifier(backbone, 1 if self.combine == "choice" else len(self.labels), dropout=c.head_dropout,
+                              combine=self.combine, bidirectional=self.objective != "causal")
+        return model, start
 
     # ---- training ----------------------------------------------------------------------------------------
 
@@ -246,7 +311,7 @@ class Classification:
 
     def describe_step(self, grad_accum: int) -> str:
         w = self.procs.world_size
-        return f"{self.batch_size * grad_accum * w} texts per step ({self.batch_size} x {grad_accum} accumulation x {w})"
+        return f"{self.batch_size * grad_accum * w} {self.noun} per step ({self.batch_size} x {grad_accum} accumulation x {w})"
 
     def next_batch(self) -> tuple[torch.Tensor, ...]:
         return self.data["train"].batch(self.sampler.next_indices(), pad_id=self.tokenizer.eot_token)
@@ -310,4 +375,5 @@ class Classification:
         self.sampler.load_state_dict(state)
 
     def checkpoint_info(self) -> dict:
-        return {"tokenizer": self.tokenizer.spec(), "labels": self.labels, "classify": asdict(self.settings)}
+        return {"tokenizer": self.tokenizer.spec(), "labels": self.labels, self.cfg.run.task: asdict(self.settings),
+                "combine": self.combine, "objective": self.objective}
