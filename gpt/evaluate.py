@@ -1,9 +1,16 @@
-"""Measure a language model on text: loss, perplexity, bits per byte, by context length and position.
+"""Measure a language model on text: loss, perplexity, bits per byte, by context length and position;
+or on downstream tasks without fine-tuning: multiple choice and cloze, zero- or few-shot.
 
     python -m gpt.evaluate --out_dir=out/shakespeare_char                      # the run's validation split
     python -m gpt.evaluate --out_dir=out/shakespeare_char --context=32,64,128 --plot
     python -m gpt.evaluate --out_dir=out/x --data=data/other --split=train     # any prepared directory
     python -m gpt.evaluate --init_from=gpt2 --text essay.txt notes.txt --stride=512   # raw text files
+    python -m gpt.evaluate --out_dir=out/shakespeare_char --choices=data/shakespeare/tasks/next_line_test.jsonl
+    python -m gpt.evaluate --init_from=gpt2 --choices=hellaswag --cloze=lambada  # (downloaded once)
+
+Multiple choice, few-shot prompts and cloze are gpt/downstream.py's (its docstring
+says exactly how they are scored); the rest of this text is about the loss.
+A masked language model (lm.objective = "mlm") is scored by its masked-token loss.
 
 Every scored token t is predicted from the tokens before it inside a window of
 `context` tokens the model reads. Non-overlapping windows (stride = context, the
@@ -45,8 +52,9 @@ from tqdm import tqdm
 from gpt.atomic import atomic_path, check_outputs
 from gpt.checkpoint import add_model_options, load_language_model
 from gpt.dataset import TokenDataset
+from gpt.downstream import dataset_file, evaluate_choices, evaluate_cloze, print_downstream, read_choices, read_cloze
 from gpt.errors import ArgumentParser, UserError, exit_on_user_error
-from gpt.model import GPT, forward_bytes, pad_sequences
+from gpt.model import GPT, forward_bytes
 from gpt.objectives import MASK, OBJECTIVES, mask_tokens
 from gpt.system import (Processes, all_reduce_sum, autocast, check_memory, finish_processes, pick_device, pick_dtype,
                         start_processes)
@@ -117,28 +125,6 @@ def windows(n_tokens: int, context: int, stride: int, name: str = "the token str
 
 
 @torch.no_grad()
-@torch.no_grad()
-def choice_logprobs(model: GPT, context: list[int], endings: list[list[int]], device=None,
-                    dtype: torch.dtype = torch.float32) -> list[tuple[float, int]]:
-    """Multiple choice by likelihood (the zero-shot scoring of GPT-2/GPT-3 and HellaSwag): for each
-    ending, the total log-probability (nats) of its tokens after `context` and its earlier tokens,
-    and its token count (for the per-token mean, "acc_norm" by tokens). One batch: the context
-    followed by each ending, right-padded (the mask keeps padding out of every real token's view).
-    Building block of the multiple-choice evaluation; the context plus the longest ending must
-    fit the model (max_context)."""
-    if not context:
-        raise UserError("the context needs at least one token: the first token of a text has no prediction")
-    if not endings or any(not e for e in endings):
-        raise UserError("every candidate ending needs at least one token")
-    device = torch.device(device or "cpu")
-    idx, mask = pad_sequences([context + e for e in endings], left=False, device=device)
-    with autocast(device, dtype):
-        logits = model.logits(model.hidden_states(idx[:, :-1], attention_mask=mask[:, :-1]))
-    logp = F.log_softmax(logits.float(), dim=-1).gather(-1, idx[:, 1:, None])[..., 0]  # (B, T - 1): log p(token t + 1)
-    first = len(context) - 1  # the prediction of an ending's first token sits at the context's last position
-    return [(logp[row, first : first + len(e)].sum().item(), len(e)) for row, e in enumerate(endings)]
-
-
 def evaluate_tokens(model: GPT, tokens: np.ndarray, name: str, context: int, stride: int, *, byte_lengths: np.ndarray,
                     batch_size: int = 8, device=None, dtype=torch.float32, procs: Processes | None = None,
                     progress: bool | None = None, masked: Tokenizer | None = None) -> Result:
@@ -273,6 +259,49 @@ def _contexts(text: str | None, limit: int | None, default: int, why: str = "lea
     return contexts
 
 
+def write_json(path: str | None, results: list[dict]) -> None:
+    if path:
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(results, indent=1) + "\n")
+        print(f"wrote {path}")
+
+
+def check_downstream_options(args) -> None:
+    """Refuse options that would be ignored or cannot work, before the model is loaded."""
+    if not (args.choices or args.cloze):
+        given = [f"--{o}" for o in ("shots", "shots_from", "limit") if getattr(args, o)]
+        if given:
+            raise UserError(f"{' and '.join(given)} are for --choices (and --limit for --cloze): give --choices=FILE")
+        return
+    loss_options = [f"--{o}" for o in ("data", "split", "text", "context", "stride", "plot")
+                    if getattr(args, o) is not None]
+    if loss_options:
+        raise UserError(f"--choices and --cloze measure downstream tasks, so {', '.join(loss_options)} (for the loss) "
+                        f"would be ignored: run the two evaluations separately")
+    if args.shots < 0 or (args.limit is not None and args.limit < 1):
+        raise UserError("--shots must be 0 or more, and --limit at least 1")
+    if args.shots and not args.shots_from:
+        raise UserError(f"--shots={args.shots} needs --shots_from=FILE: solved questions from another split")
+    if args.shots_from and not args.shots:
+        raise UserError("--shots_from is where --shots come from: give --shots=k too")
+    if args.shots_from and args.choices and Path(args.shots_from).resolve() == Path(args.choices).resolve():
+        raise UserError("--shots_from is the file being evaluated: draw the solved questions from another split")
+
+
+def evaluate_downstream(args, model: GPT, tok: Tokenizer, device, dtype, procs: Processes) -> list[dict]:
+    results = []
+    common = dict(batch_size=args.batch_size, device=device, dtype=dtype, procs=procs)
+    if args.choices:
+        questions = read_choices(dataset_file(args.choices, "--choices"), "--choices")[: args.limit]
+        pool = read_choices(args.shots_from, "--shots_from") if args.shots_from else []
+        results.append(evaluate_choices(model, tok, questions, Path(args.choices).name, shots=args.shots,
+                                        shot_pool=pool, seed=args.seed, **common))
+    if args.cloze:
+        texts = read_cloze(dataset_file(args.cloze, "--cloze"), "--cloze")[: args.limit]
+        results.append(evaluate_cloze(model, tok, texts, Path(args.cloze).name, **common))
+    return results
+
+
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     p = ArgumentParser(prog="python -m gpt.evaluate", description=__doc__.split("\n\n")[0])
@@ -283,6 +312,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--context", help="context lengths, comma-separated (default: the model's block_size)")
     p.add_argument("--stride", type=int, help="tokens between windows (default: = context, no overlap)")
     p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--choices", metavar="FILE", help="multiple choice in HellaSwag's JSONL layout (ctx, endings, "
+                   "label), or 'hellaswag' (its validation set, downloaded once): acc, acc_norm, acc_char")
+    p.add_argument("--shots", type=int, default=0, help="solved questions before each one (few-shot; default 0)")
+    p.add_argument("--shots_from", metavar="FILE", help="where the --shots come from (another split of --choices)")
+    p.add_argument("--cloze", metavar="FILE", help="last-word accuracy on JSONL texts (LAMBADA's layout), or "
+                   "'lambada' (OpenAI's test set, downloaded once)")
+    p.add_argument("--limit", type=int, help="--choices / --cloze: only the first N questions or texts")
+    p.add_argument("--seed", type=int, default=0, help="draws the --shots (default 0)")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
     p.add_argument("--plot", nargs="?", const="", metavar="PNG",
                    help="draw loss by context length and by position (default file: OUT_DIR/evaluation.png)")
@@ -291,19 +328,29 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.batch_size < 1:
         raise UserError(f"--batch_size must be at least 1, got {args.batch_size}")
+    downstream = args.choices or args.cloze
+    check_downstream_options(args)
     ignored = [option for option, value in (("--data", args.data), ("--split", args.split)) if value]
     if args.text and ignored:
         raise UserError(f"--text evaluates the files given, so {' and '.join(ignored)} would be ignored: give "
                         f"--text, or {' and '.join(ignored)}, not both")
 
-    plot_path = None if args.plot is None else Path(args.plot or Path(args.out_dir or ".") / "evaluation.png")
+    plot_path = None if args.plot is None or downstream else Path(args.plot or Path(args.out_dir or ".") / "evaluation.png")
     if not args.out_dir or Path(args.out_dir).is_dir():  # (a missing run: loading the model says so)
         check_outputs([(option, path) for option, path in (("--json", args.json), ("--plot", plot_path)) if path])
 
     device = pick_device(args.device)
     procs = start_processes(device)
     dtype = pick_dtype(args.dtype, device)
-    model, tok, run_data, objective = load_language_model(args, device, OBJECTIVES)
+    model, tok, run_data, objective = load_language_model(args, device, ("causal", "prefix") if downstream else OBJECTIVES,
+                                                          "downstream tasks are scored left to right")
+    if downstream:
+        results = evaluate_downstream(args, model, tok, device, dtype, procs)
+        finish_processes()
+        if procs.is_main:
+            print_downstream(results)
+            write_json(args.json, results)
+        return
     contexts = _contexts(args.context, model.max_context(), model.config.block_size, model.context_limit())
     sets = token_sets(args, tok, run_data)
     check_plan(model, sets, contexts, args.stride, args.batch_size, device, dtype)
@@ -319,10 +366,7 @@ def main(argv: list[str] | None = None) -> None:
         print("a masked language model: the loss of the 15% of tokens BERT's corruption chose in each window, "
               "predicted in place")
     print_table(results)
-    if args.json:
-        with atomic_path(args.json) as tmp:
-            tmp.write_text(json.dumps([r.to_dict() for r in results], indent=1) + "\n")
-        print(f"wrote {args.json}")
+    write_json(args.json, [r.to_dict() for r in results])
     if plot_path is not None:
         from gpt.plot import plot_evaluation
 

@@ -175,31 +175,3 @@ def test_under_torchrun_the_windows_are_split_and_summed_exactly(char_data, tmp_
     for x, y in zip(a, b):
         assert x["tokens"] == y["tokens"] and x["bytes"] == y["bytes"]
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-12)
-
-
-def test_choice_logprobs_equal_transformers_gpt2_on_the_same_weights(tmp_path):
-    """Each ending's log-likelihood after its context (sum, and token count for the per-token mean),
-    from one right-padded batch, equals transformers' GPT-2 scoring each sequence alone."""
-    transformers = pytest.importorskip("transformers")
-    from gpt.hf import from_pretrained
-
-    torch.manual_seed(0)
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_positions=64, n_embd=32, n_layer=2, n_head=2,
-                                                              vocab_size=97)).eval()
-    hf.save_pretrained(tmp_path)
-    ours = from_pretrained(tmp_path).eval()
-    g = torch.Generator().manual_seed(3)
-    for _ in range(3):
-        context = torch.randint(0, 97, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).tolist()
-        endings = [torch.randint(0, 97, (n,), generator=g).tolist() for n in (1, 5, 9, 3)]
-        scored = ev.choice_logprobs(ours, context, endings)
-        for (total, count), ending in zip(scored, endings, strict=True):
-            ids = torch.tensor([context + ending])
-            with torch.no_grad():
-                logp = F.log_softmax(hf(ids).logits[0, :-1].double(), -1)
-            expected = sum(logp[len(context) - 1 + i, tok].item() for i, tok in enumerate(ending))
-            assert count == len(ending)
-            assert total == pytest.approx(expected, abs=1e-4)
-            assert total / count == pytest.approx(expected / len(ending), abs=1e-4)  # the per-token mean
-    with pytest.raises(ev.UserError, match="the context needs at least one token"):
-        ev.choice_logprobs(ours, [], [[1]])

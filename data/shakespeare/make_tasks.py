@@ -13,7 +13,8 @@ the next blank line; stage directions in brackets are dropped. From the speeches
     next_line_*.jsonl    multiple choice in HellaSwag's layout {"ctx", "endings", "label"}:
                          ctx is the speaker and up to three lines of a speech, the endings are
                          the true next line and three lines drawn from elsewhere in the same
-                         plays, of similar length (within 30%), in random order.
+                         plays (lines that follow another in a speech, as the true one does),
+                         of similar length (within 30%), in random order.
     follows_*.jsonl      entailment-style pairs {"premise", "hypothesis", "label"}: "next" when
                          the hypothesis is the line after the premise in the same speech,
                          "other" when it is a line of similar length from elsewhere (half each).
@@ -89,7 +90,9 @@ def main() -> None:
     for split, fraction in SPLITS.items():
         end = start + round(fraction * len(all_speeches)) if split != "test" else len(all_speeches)
         bounds[split], start = all_speeches[start:end], end
-    pool = [line for _, lines in all_speeches for line in lines if len(line) >= 10]
+    # lines that follow another in their speech, as the true ones do: the distractors come from the same
+    # population (with first lines of speeches among them, the true line would be unlikely a priori)
+    pool = [line for _, lines in all_speeches for line in lines[1:] if len(line) >= 10]
 
     out = HERE / "tasks"
     out.mkdir(exist_ok=True)
