@@ -109,8 +109,9 @@ def test_each_objective_trains_and_reports_its_own_loss(char_data, tmp_path):
             assert tok.added_id("mask") == tok.vocab_size - 1 == ckpt["model_config"]["vocab_size"] - 1
 
 
-def test_masked_lm_resume_is_bit_exact(char_data, tmp_path):
-    more = ["--lm.objective=mlm", "--model.dropout=0.1"]
+@pytest.mark.parametrize("objective", ["mlm", "prefix"])
+def test_resume_is_bit_exact(objective, char_data, tmp_path):
+    more = [f"--lm.objective={objective}", "--model.dropout=0.1"]
     train.main(args(char_data, tmp_path / "whole", "--max_iters=10", *more))
     train.main(args(char_data, tmp_path / "parts", "--max_iters=4", *more))
     train.main(args(char_data, tmp_path / "parts", "--max_iters=10", "--resume", *more))
