@@ -363,9 +363,7 @@ class GPT(nn.Module):
         """
         B, T = idx.shape
         if prefix is not None:
-            if self.config.attention == "linear":
-                raise UserError("attention = 'linear' keeps a running sum of the tokens before each one: it has no "
-                                "bidirectional or prefix attention")
+            self.check_bidirectional()
             prefix = torch.as_tensor(prefix, device=idx.device).reshape(-1)
         if attention_mask is not None and attention_mask.shape != idx.shape:
             raise UserError(f"attention_mask has shape {tuple(attention_mask.shape)}, idx {tuple(idx.shape)}: "
@@ -392,6 +390,12 @@ class GPT(nn.Module):
         slots = torch.arange(T, device=idx.device)
         pos = slots[None] if real is None else torch.where(real, real.cumsum(1) - 1, -1)
         return self.run(idx, self.attention_context(pos, pos, slots, causal=plain and real is None, prefix=prefix))
+
+    def check_bidirectional(self) -> None:
+        """Refuse what cannot attend both ways (prefix, masked-LM and bidirectional fine-tuning)."""
+        if self.config.attention == "linear":
+            raise UserError("attention = 'linear' keeps a running sum of the tokens before each one: it has no "
+                            "bidirectional or prefix attention (lm.objective = mlm or prefix, or a backbone trained so)")
 
     def decode(self, idx, pos, slots, kv_cache: KVCache, causal: bool = False, prefix=None):
         """hidden_states on the cache, with the new tokens' position ids (B, T) and cache slots

@@ -154,3 +154,9 @@ def test_two_processes_equal_one_for_the_objective(char_data, tmp_path, objectiv
         assert l1[it] == pytest.approx(l2[it], abs=1e-5)
     for name, tensor in weights(tmp_path / "one").items():
         torch.testing.assert_close(tensor, weights(tmp_path / "two")[name], rtol=0, atol=1e-5)
+
+
+def test_linear_attention_refuses_the_objectives_that_look_both_ways(char_data, tmp_path, capsys):
+    fails_with(capsys, args(char_data, tmp_path / "x", "--lm.objective=prefix", "--model.attention=linear",
+                            "--model.position=learned"), "it has no bidirectional or prefix attention")
+    assert not (tmp_path / "x" / "ckpt.pt").exists()

@@ -10,6 +10,9 @@ Evaluation reports loss, accuracy, macro-F1, per-class precision, recall and F1
 and the confusion matrix; a test file is evaluated with best.pt at the end.
 
 Labelling new texts with the result: python -m gpt.classify (gpt/classify.py).
+GPT-1's input transformations (gpt/tasks/gpt1.py: entailment, similarity, multiple
+choice) are this task with other examples: the Classification class below says what
+they override.
 """
 
 from __future__ import annotations

@@ -72,6 +72,8 @@ class LanguageModeling:
         if start.source != "scratch":  # weights trained on some tokens
             self._check_tokenizer(start)
             start = with_tokens(start, self.added)
+        if self.objective != "causal":
+            start.model.check_bidirectional()
         self.tokenizer = start.tokenizer
         self.T, self.batch_size = start.model.config.block_size, cfg.batch.batch_size
         for data in self.data.values():
