@@ -140,20 +140,23 @@ def test_an_unknown_objective_is_one_line(char_data, tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("objective", ["mlm", "prefix"])
-def test_two_processes_equal_one_for_the_objective(char_data, tmp_path, objective):
+@pytest.mark.parametrize("objective, parallel", [("mlm", "ddp"), ("prefix", "ddp"), ("mlm", "fsdp")])
+def test_two_processes_equal_one_for_the_objective(char_data, tmp_path, objective, parallel):
     more = ["--max_iters=4", "--batch.tokens_per_step=256", f"--lm.objective={objective}"]
     one = run_cli("train.py", *args(char_data, tmp_path / "one", *more))
     assert one.returncode == 0, one.stderr
     two = run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-                  *args(char_data, tmp_path / "two", *more), env={"OMP_NUM_THREADS": "1"})
+                  *args(char_data, tmp_path / "two", *more, f"--system.parallel={parallel}"), env={"OMP_NUM_THREADS": "1"})
     assert two.returncode == 0, f"exit {two.returncode}\n{two.stdout[-2000:]}\n{two.stderr[-6000:]}"
     l1, l2 = step_losses(tmp_path / "one"), step_losses(tmp_path / "two")
     assert l1.keys() == l2.keys() == set(range(1, 5))
     for it in l1:
         assert l1[it] == pytest.approx(l2[it], abs=1e-5)
-    for name, tensor in weights(tmp_path / "one").items():
-        torch.testing.assert_close(tensor, weights(tmp_path / "two")[name], rtol=0, atol=1e-5)
+    from test_parallel import weights as whole_weights  # FSDP writes shards: read them back whole
+
+    two_weights = whole_weights(tmp_path / "two")
+    for name, tensor in whole_weights(tmp_path / "one").items():
+        torch.testing.assert_close(tensor, two_weights[name], rtol=0, atol=1e-5)
 
 
 def test_linear_attention_refuses_the_objectives_that_look_both_ways(char_data, tmp_path, capsys):
