@@ -344,6 +344,8 @@ def main(argv: list[str] | None = None) -> None:
     dtype = pick_dtype(args.dtype, device)
     model, tok, run_data, objective = load_language_model(args, device, ("causal", "prefix") if downstream else OBJECTIVES,
                                                           "downstream tasks are scored left to right")
+    if objective == "mlm" and args.stride is not None:
+        raise UserError("a masked language model is scored on whole, non-overlapping windows: remove --stride")
     if downstream:
         results = evaluate_downstream(args, model, tok, device, dtype, procs)
         finish_processes()

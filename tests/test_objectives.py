@@ -131,6 +131,9 @@ def test_a_masked_lm_refuses_to_generate_and_evaluates_its_masked_token_loss(cha
     evaluate([f"--out_dir={out}", "--context=32", "--json", str(tmp_path / "e.json")])
     assert "masked language model" in capsys.readouterr().out
     result = json.loads((tmp_path / "e.json").read_text())[0]
+    with pytest.raises(SystemExit) as e:
+        evaluate([f"--out_dir={out}", "--context=32", "--stride=16"])
+    assert e.value.code == 2 and "remove --stride" in capsys.readouterr().err
     tokens = len(TokenDataset(char_data, "val"))
     assert 0.14 * tokens < result["tokens"] < 0.16 * tokens and 1.0 < result["loss"] < 5.0
 
