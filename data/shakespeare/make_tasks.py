@@ -12,16 +12,17 @@ the next blank line; stage directions in brackets are dropped. From the speeches
 
     next_line_*.jsonl    multiple choice in HellaSwag's layout {"ctx", "endings", "label"}:
                          ctx is the speaker and up to three lines of a speech, the endings are
-                         the true next line and three lines drawn from elsewhere in the same
-                         plays (lines that follow another in a speech, as the true one does),
-                         of similar length (within 30%), in random order.
+                         the true next line and three lines drawn from other speeches (lines
+                         that follow another in a speech, as the true one does), of similar
+                         length (within 30%), in random order.
     follows_*.jsonl      entailment-style pairs {"premise", "hypothesis", "label"}: "next" when
                          the hypothesis is the line after the premise in the same speech,
-                         "other" when it is a line of similar length from elsewhere (half each).
+                         "other" when it is a line of similar length from another speech (half each).
     same_speech_*.jsonl  similarity pairs {"text_a", "text_b", "label"}: "same" when the two
                          lines belong to one speech, "different" otherwise (half each).
 
-Each is split into train / val / test by speech (no speech gives items to two splits).
+Each is split into train / val / test by speech: every line of an item (the distractors too)
+comes from the speeches of its split, so no line appears in two splits.
 These measure what a small model learns about the form and flow of Shakespeare's verse,
 not language understanding: line length, metre, rhyme, punctuation and topic all help.
 """
@@ -92,13 +93,15 @@ def main() -> None:
         bounds[split], start = all_speeches[start:end], end
     # lines that follow another in their speech, as the true ones do: the distractors come from the same
     # population (with first lines of speeches among them, the true line would be unlikely a priori)
-    pool = [line for _, lines in all_speeches for line in lines[1:] if len(line) >= 10]
-
     out = HERE / "tasks"
     out.mkdir(exist_ok=True)
     counts = {}
     for split, group in bounds.items():
         share = SPLITS[split]
+        # every line of an item comes from this split's speeches: no line is in two splits. Distractors are
+        # lines that follow another in their speech, as the true ones do (with first lines of speeches among
+        # them, the true line would be unlikely a priori)
+        pool = [line for _, lines in group for line in lines[1:] if len(line) >= 10]
         places = [(speaker, lines, i) for speaker, lines in group for i in range(1, len(lines)) if len(lines[i]) >= 10]
         rng.shuffle(places)
         next_line, follows, same = [], [], []
@@ -118,13 +121,17 @@ def main() -> None:
                                     "label": "next" if true else "other"})
             if len(same) < SIZES["same_speech"] * share:
                 together = len(same) % 2 == 0
-                partner = rng.choice([j for j in range(len(lines)) if j != i]) if together else None
-                text_b = lines[partner] if together else rng.choice([p for p in pool if p not in lines])
+                partners = [line for line in lines[1:] if line != lines[i] and len(line) >= 10]  # the pool's kind
+                if together and not partners:
+                    continue
+                text_b = rng.choice(partners) if together else rng.choice([p for p in pool if p not in lines])
                 same.append({"text_a": lines[i], "text_b": text_b, "label": "same" if together else "different"})
         for name, items in (("next_line", next_line), ("follows", follows), ("same_speech", same)):
             rng.shuffle(items)
             path = out / f"{name}_{split}.jsonl"
-            path.write_text("".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items), encoding="utf-8")
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items), encoding="utf-8")
+            tmp.replace(path)
             counts[path.name] = len(items)
     for name, n in counts.items():
         print(f"{n:6d}  {out.relative_to(ROOT) / name}")
