@@ -304,7 +304,7 @@ def checkpoint_path(out_dir: str | Path, ckpt: str) -> Path:
 
 
 FINE_TUNED = ("classify", "entailment", "similarity", "multiple_choice")  # a GPTClassifier; python -m gpt.classify
-NOUNS = {"lm": "language model", FINE_TUNED: "fine-tuned classifier"}  # what each task's checkpoints hold
+NOUNS = {"lm": "language model", "classify": "classifier", FINE_TUNED: "fine-tuned classifier"}  # what checkpoints hold
 READERS = {"lm": "generate text from it with python sample.py --ckpt={path}",
            **{task: "predict with it: python -m gpt.classify --out_dir={dir}" for task in FINE_TUNED}}
 
@@ -314,7 +314,10 @@ def check_task(ckpt: dict, path: str | Path, task: str | tuple[str, ...], hint: 
     command that reads it."""
     found = ckpt.get("task", "lm")
     if found not in ((task,) if isinstance(task, str) else task):
-        hint = hint or READERS.get(found, "use the command of that task").format(path=path, dir=Path(path).parent)
+        reader = READERS.get(found, "use the command of that task")
+        if ckpt.get("objective") == "mlm":  # a masked LM generates nothing
+            reader = "measure it with python -m gpt.evaluate --ckpt={path}, or fine-tune from it (run.init_from)"
+        hint = hint or reader.format(path=path, dir=Path(path).parent)
         raise UserError(f"{path} is a {found} checkpoint, not a {NOUNS.get(task, f'{task} model')}: {hint}")
 
 
@@ -397,11 +400,12 @@ def load_language_model(args, device=None, objectives: tuple[str, ...] = ("causa
     objective = ckpt.get("objective", "causal")
     if objective not in objectives:
         raise UserError(f"{path} is a masked language model (lm.objective = {objective!r}, BERT's): {why}; "
-                        f"measure it with python -m gpt.evaluate, or fine-tune it on a task")
+                        f"measure its masked-token loss with python -m gpt.evaluate (without --choices or --cloze), "
+                        f"or fine-tune it on a task")
     return LanguageModel(model, tokenizer, ckpt["config"]["data"]["dir"], objective)
 
 
-def load_model(path: str | Path, task: str = "lm", device=None) -> tuple[nn.Module, Tokenizer, dict]:
+def load_model(path: str | Path, task: str | tuple[str, ...] = "lm", device=None) -> tuple[nn.Module, Tokenizer, dict]:
     """(model in eval mode, its tokenizer, the checkpoint dict) from a checkpoint file of `task`."""
     ckpt = load_checkpoint(path)
     check_task(ckpt, path, task)

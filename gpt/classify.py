@@ -15,6 +15,7 @@ classification, whose examples are single texts.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
@@ -36,7 +37,8 @@ from gpt.tokenizer import Tokenizer
 def task_of(ckpt: dict):
     """(the task class, its settings) a fine-tuned checkpoint was trained with."""
     task = TASKS[ckpt["task"]]
-    return task, task.Settings(**ckpt[ckpt["task"]])
+    known = {f.name for f in dataclasses.fields(task.Settings)}  # a setting since removed is dropped
+    return task, task.Settings(**{k: v for k, v in ckpt[ckpt["task"]].items() if k in known})
 
 
 @torch.no_grad()

@@ -42,7 +42,7 @@ else:  # pragma: no cover
 
 @dataclass
 class RunConfig:
-    task: str = "lm"  # lm (language modelling) | classify (text classification: see [classify])
+    task: str = "lm"  # lm (language modelling: see [lm]) | classify | entailment | similarity | multiple_choice
     out_dir: str = "out"  # checkpoints, config.toml, metrics.jsonl, loss.png
     init_from: str = "scratch"  # scratch | resume | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a HF directory
     max_iters: int = 5000  # optimiser steps

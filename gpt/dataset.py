@@ -129,6 +129,11 @@ class WindowSampler:
     def epoch(self) -> int:
         return self.position // self.num_windows
 
+    def next_positions(self) -> np.ndarray:
+        """The stream positions of the windows next_indices returns next: a window's place in the
+        data stream, the same on any number of processes (gpt/objectives.py seeds masks with it)."""
+        return self.position + self.rank * self.batch_size + np.arange(self.batch_size)
+
     def next_indices(self) -> np.ndarray:
         start = self.position + self.rank * self.batch_size
         self.position += self.batch_size * self.world_size

@@ -52,7 +52,7 @@ from tqdm import tqdm
 from gpt.atomic import atomic_path
 from gpt.errors import UserError
 from gpt.model import GPT, pad_sequences
-from gpt.system import Processes, all_reduce_sum, autocast
+from gpt.system import Processes, all_reduce_sum, autocast, barrier
 from gpt.tasks.classify import read_rows, require_columns
 from gpt.tasks.gpt1 import MultipleChoice, MultipleChoiceConfig
 from gpt.tokenizer import Tokenizer
@@ -66,21 +66,26 @@ DATASETS = {
 CACHE = Path.home() / ".cache" / "gpt" / "datasets"
 
 
-def dataset_file(name_or_path: str, option: str, cache: Path | None = None) -> Path:
-    """A file to evaluate: a path as given, or a known set's name (downloaded on first use)."""
+def dataset_file(name_or_path: str, option: str, procs: Processes | None = None) -> Path:
+    """A file to evaluate: a path as given, or a known set's name, downloaded into CACHE on first use
+    (by one process per machine under torchrun; the others wait for it)."""
     if name_or_path not in DATASETS or Path(name_or_path).exists():
         return Path(name_or_path)
+    procs = procs or Processes()
     url, file_name = DATASETS[name_or_path]
-    path = (cache or CACHE) / file_name
-    if not path.exists():
+    path = CACHE / file_name
+    if not path.exists() and procs.local_rank == 0:
         print(f"downloading {name_or_path} from {url} ...", file=sys.stderr)
-        path.parent.mkdir(parents=True, exist_ok=True)
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             with urllib.request.urlopen(url, timeout=60) as response, atomic_path(path) as tmp:
                 tmp.write_bytes(response.read())
         except OSError as e:
-            raise UserError(f"{option}={name_or_path}: cannot download {url} ({e}): download it where there is a "
-                            f"network and give its path") from None
+            raise UserError(f"{option}={name_or_path}: cannot download {url} into {path.parent} ({e}): download it "
+                            f"where there is a network and give its path") from None
+    barrier()
+    if not path.exists():
+        raise UserError(f"{option}={name_or_path}: the first process could not download it (its error is above)")
     return path
 
 
@@ -110,12 +115,6 @@ def continuation_scores(model: GPT, pairs: list[tuple[list[int], list[int]]], de
         span = slice(len(prompt) - 1, len(prompt) - 1 + len(cont))  # predictions of the continuation's tokens
         results.append((chosen[row, span].sum().item(), len(cont), bool(top[row, span].all())))
     return results
-
-
-def choice_logprobs(model: GPT, context: list[int], endings: list[list[int]], device=None,
-                    dtype: torch.dtype = torch.float32) -> list[tuple[float, int]]:
-    """Multiple choice by likelihood for one question: (total log-probability, token count) of each ending."""
-    return [(total, n) for total, n, _ in continuation_scores(model, [(context, e) for e in endings], device, dtype)]
 
 
 def separator(context: str) -> str:

@@ -268,18 +268,23 @@ def write_json(path: str | None, results: list[dict]) -> None:
 
 def check_downstream_options(args) -> None:
     """Refuse options that would be ignored or cannot work, before the model is loaded."""
-    if not (args.choices or args.cloze):
-        given = [f"--{o}" for o in ("shots", "shots_from", "limit") if getattr(args, o)]
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit must be at least 1, got {args.limit}")
+    if not args.choices:
+        given = [f"--{o}" for o in ("shots", "shots_from") if getattr(args, o)] + ["--seed"] * (args.seed is not None)
         if given:
-            raise UserError(f"{' and '.join(given)} are for --choices (and --limit for --cloze): give --choices=FILE")
+            raise UserError(f"{', '.join(given)}: for few-shot multiple choice; give --choices=FILE")
+    if not (args.choices or args.cloze):
+        if args.limit is not None:
+            raise UserError("--limit counts the questions of --choices or the texts of --cloze: give one of them")
         return
     loss_options = [f"--{o}" for o in ("data", "split", "text", "context", "stride", "plot")
                     if getattr(args, o) is not None]
     if loss_options:
         raise UserError(f"--choices and --cloze measure downstream tasks, so {', '.join(loss_options)} (for the loss) "
                         f"would be ignored: run the two evaluations separately")
-    if args.shots < 0 or (args.limit is not None and args.limit < 1):
-        raise UserError("--shots must be 0 or more, and --limit at least 1")
+    if args.shots < 0:
+        raise UserError(f"--shots must be 0 or more, got {args.shots}")
     if args.shots and not args.shots_from:
         raise UserError(f"--shots={args.shots} needs --shots_from=FILE: solved questions from another split")
     if args.shots_from and not args.shots:
@@ -292,12 +297,12 @@ def evaluate_downstream(args, model: GPT, tok: Tokenizer, device, dtype, procs: 
     results = []
     common = dict(batch_size=args.batch_size, device=device, dtype=dtype, procs=procs)
     if args.choices:
-        questions = read_choices(dataset_file(args.choices, "--choices"), "--choices")[: args.limit]
+        questions = read_choices(dataset_file(args.choices, "--choices", procs), "--choices")[: args.limit]
         pool = read_choices(args.shots_from, "--shots_from") if args.shots_from else []
         results.append(evaluate_choices(model, tok, questions, Path(args.choices).name, shots=args.shots,
-                                        shot_pool=pool, seed=args.seed, **common))
+                                        shot_pool=pool, seed=args.seed or 0, **common))
     if args.cloze:
-        texts = read_cloze(dataset_file(args.cloze, "--cloze"), "--cloze")[: args.limit]
+        texts = read_cloze(dataset_file(args.cloze, "--cloze", procs), "--cloze")[: args.limit]
         results.append(evaluate_cloze(model, tok, texts, Path(args.cloze).name, **common))
     return results
 
@@ -319,7 +324,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cloze", metavar="FILE", help="last-word accuracy on JSONL texts (LAMBADA's layout), or "
                    "'lambada' (OpenAI's test set, downloaded once)")
     p.add_argument("--limit", type=int, help="--choices / --cloze: only the first N questions or texts")
-    p.add_argument("--seed", type=int, default=0, help="draws the --shots (default 0)")
+    p.add_argument("--seed", type=int, help="draws the --shots (default 0)")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
     p.add_argument("--plot", nargs="?", const="", metavar="PNG",
                    help="draw loss by context length and by position (default file: OUT_DIR/evaluation.png)")
@@ -335,7 +340,7 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"--text evaluates the files given, so {' and '.join(ignored)} would be ignored: give "
                         f"--text, or {' and '.join(ignored)}, not both")
 
-    plot_path = None if args.plot is None or downstream else Path(args.plot or Path(args.out_dir or ".") / "evaluation.png")
+    plot_path = None if args.plot is None else Path(args.plot or Path(args.out_dir or ".") / "evaluation.png")
     if not args.out_dir or Path(args.out_dir).is_dir():  # (a missing run: loading the model says so)
         check_outputs([(option, path) for option, path in (("--json", args.json), ("--plot", plot_path)) if path])
 

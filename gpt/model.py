@@ -512,7 +512,6 @@ class GPT(nn.Module):
         if "wpe" in self.transformer:
             self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].detach().clone())
 
-
     def grow_vocab(self, vocab_size: int) -> None:
         """Add token ids after the vocabulary (a tokenizer's added tokens: BERT's mask, GPT-1's
         start / delimiter / extract), each with a new N(0, 0.02) embedding, which is also its
@@ -529,6 +528,7 @@ class GPT(nn.Module):
             self.transformer.wte.num_embeddings = self.lm_head.out_features = table.size(0)
         with torch.no_grad():
             nn.init.normal_(weight[old:vocab_size], mean=0.0, std=0.02)
+
     def new_kv_cache(self, batch_size: int, dtype: torch.dtype | None = None, length: int | None = None,
                      spare: int = 0) -> KVCache:
         """An empty cache for `batch_size` rows on the model's device, in the model's dtype

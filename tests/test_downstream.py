@@ -51,13 +51,14 @@ def test_choice_logprobs_equal_transformers_gpt2_on_the_same_weights(gpt2_pair):
     for _ in range(3):
         context = torch.randint(0, 257, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).tolist()
         endings = [torch.randint(0, 257, (n,), generator=g).tolist() for n in (1, 5, 9, 3)]
-        for (total, count), ending in zip(ds.choice_logprobs(ours, context, endings), endings, strict=True):
+        scored = ds.continuation_scores(ours, [(context, e) for e in endings])
+        for (total, count, _), ending in zip(scored, endings, strict=True):
             expected = hf_total(hf, context, ending)
             assert count == len(ending)
             assert total == pytest.approx(expected, abs=1e-4)
             assert total / count == pytest.approx(expected / len(ending), abs=1e-4)  # the per-token mean
     with pytest.raises(ds.UserError, match="the context needs at least one token"):
-        ds.choice_logprobs(ours, [], [[1]])
+        ds.continuation_scores(ours, [([], [1])])
 
 
 @pytest.mark.parametrize("shots", [0, 2])
@@ -180,7 +181,9 @@ def test_a_known_set_is_downloaded_once_into_the_cache(quick_lm, char_data, tmp_
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--shots=2"], "--shots are for --choices"),
+    (["--shots=2"], "--shots: for few-shot multiple choice; give --choices=FILE"),
+    (["--cloze=Q", "--seed=3"], "--seed: for few-shot multiple choice"),
+    (["--limit=0", "--choices=Q"], "--limit must be at least 1"),
     (["--choices=Q", "--shots=2"], "--shots=2 needs --shots_from=FILE"),
     (["--choices=Q", "--shots_from=Q", "--shots=1"], "--shots_from is the file being evaluated"),
     (["--choices=Q", "--context=32"], "--context (for the loss) would be ignored"),

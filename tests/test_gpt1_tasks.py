@@ -226,3 +226,8 @@ def test_unknown_labels_in_validation_and_texts_for_a_pair_model(tmp_path, capsy
         classify([f"--out_dir={out}", "some text"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "is a similarity model: its examples are not single texts" in err
+
+
+def test_a_frozen_backbone_would_freeze_the_added_tokens(tmp_path, capsys):
+    fails_with(capsys, args("entailment", tmp_path, tmp_path / "o", "--entailment.freeze_backbone=true"),
+               "entailment.freeze_backbone would also freeze the new embeddings of the tokens this task adds")

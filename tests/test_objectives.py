@@ -52,8 +52,8 @@ def test_masking_chooses_15_percent_and_splits_them_80_10_10_never_padding():
     assert (inputs < V).logical_or(inputs == MASK).all()  # random tokens are real ids, never added ones
     again = mask_tokens(tokens, real, range(B), seed=3, mask_id=MASK, vocab_size=V)
     assert torch.equal(again[0], inputs) and torch.equal(again[1], targets)  # one key, one draw
-    other = mask_tokens(tokens, real, range(1, B + 1), seed=3, mask_id=MASK, vocab_size=V)
-    assert torch.equal(other[0][:-1], inputs[1:]) is False  # rows follow their keys, not their places
+    shifted = mask_tokens(tokens[1:], real[1:], range(1, B), seed=3, mask_id=MASK, vocab_size=V)
+    assert torch.equal(shifted[0], inputs[1:]) and torch.equal(shifted[1], targets[1:])  # rows follow their keys
     row5 = mask_tokens(tokens[5:6], real[5:6], [5], seed=3, mask_id=MASK, vocab_size=V)
     assert torch.equal(row5[0][0], inputs[5]) and torch.equal(row5[1][0], targets[5])
 
@@ -166,3 +166,8 @@ def test_linear_attention_refuses_the_objectives_that_look_both_ways(char_data, 
     fails_with(capsys, args(char_data, tmp_path / "x", "--lm.objective=prefix", "--model.attention=linear",
                             "--model.position=learned"), "it has no bidirectional or prefix attention")
     assert not (tmp_path / "x" / "ckpt.pt").exists()
+
+
+def test_a_prefix_needs_two_tokens_per_window(char_data, tmp_path, capsys):
+    fails_with(capsys, args(char_data, tmp_path / "x", "--lm.objective=prefix", "--model.block_size=1"),
+               "it needs block_size >= 2")

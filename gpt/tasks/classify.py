@@ -290,6 +290,9 @@ class Classification:
                             f"{self.objective} LM and reads every token both ways: set {task}.lm_loss_weight = 0")
         backbone = start.model
         if c.freeze_backbone:
+            if self.added_tokens:
+                raise UserError(f"{task}.freeze_backbone would also freeze the new embeddings of the tokens this task "
+                                f"adds ({', '.join(self.added_tokens)}), which must be learned: set it to false")
             backbone.requires_grad_(False)
 
         self.batch_size, T = cfg.batch.batch_size, backbone.config.block_size

@@ -74,6 +74,8 @@ class LanguageModeling:
             start = with_tokens(start, self.added)
         if self.objective != "causal":
             start.model.check_bidirectional()
+        if self.objective == "prefix" and start.model.config.block_size < 2:
+            raise UserError("lm.objective = 'prefix' splits each window in two: it needs block_size >= 2")
         self.tokenizer = start.tokenizer
         self.T, self.batch_size = start.model.config.block_size, cfg.batch.batch_size
         for data in self.data.values():
@@ -116,8 +118,8 @@ class LanguageModeling:
                 f"({self.batch_size} x {self.T} x {grad_accum} accumulation x {w})")
 
     def next_batch(self) -> tuple[torch.Tensor, ...]:
-        first = self.sampler.position + self.sampler.rank * self.batch_size  # the windows' places in the stream
-        return self._batch("train", self.sampler.next_indices(), first + np.arange(self.batch_size))
+        keys = self.sampler.next_positions()  # the windows' places in the stream
+        return self._batch("train", self.sampler.next_indices(), keys)
 
     def _batch(self, split: str, indices, keys) -> tuple[torch.Tensor, ...]:
         """The objective's (inputs, targets[, prefix]) for windows `indices` of a split."""
