@@ -31,11 +31,11 @@ import argparse
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 from architecture_experiments import OUT, ROOT, train  # also puts the project on sys.path
 
 from gpt.checkpoint import load_model  # noqa: E402
+from gpt.config import tomllib  # noqa: E402 (tomli before Python 3.11)
 from gpt.dataset import TokenDataset  # noqa: E402
 from gpt.downstream import evaluate_choices, read_choices  # noqa: E402
 from gpt.evaluate import evaluate_tokens  # noqa: E402
@@ -57,10 +57,12 @@ CHOICE = ["--run.task=multiple_choice", f"--multiple_choice.train_file={TASKS / 
 def run(name: str, overrides: list[str], reuse: bool) -> dict:
     """train.py NAME, or with reuse the finished run already in out/experiments/NAME."""
     metrics = OUT / name / "metrics.jsonl"
-    if reuse and (OUT / name / "best.pt").exists() and metrics.exists():
+    if reuse and (OUT / name / "config.toml").exists() and metrics.exists():
         records = [json.loads(line) for line in metrics.read_text().splitlines()]
-        print(f"== {name}: reused", flush=True)
-        return {"name": name, "overrides": overrides, "reused": True, "records": records}
+        planned = tomllib.loads((OUT / name / "config.toml").read_text())["run"]["max_iters"]
+        if records and records[-1]["iter"] == planned:  # finished, not stopped on the way
+            print(f"== {name}: reused", flush=True)
+            return {"name": name, "overrides": overrides, "reused": True, "records": records}
     result = train(name, overrides, None)
     result["records"] = [json.loads(line) for line in metrics.read_text().splitlines()]
     return result
