@@ -22,6 +22,7 @@ import sys
 
 from gpt.config import load_config, resume_config
 from gpt.errors import UserError, exit_on_user_error
+from gpt.system import exit_worker
 from gpt.trainer import Trainer, TrainingDiverged
 
 FLAGS = ("--resume", "--overwrite")
@@ -59,3 +60,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+    exit_worker()  # under torchrun: no interpreter shutdown to abort in (gpt/system.py)

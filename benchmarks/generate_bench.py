@@ -136,6 +136,9 @@ def main():
         if method == "greedy" and batch == 1:
             record["roofline_tokens_per_s"] = round(bandwidth / weight_bytes(ours), 1)
             record["read_GB_per_s"] = round(bandwidth / 1e9, 1)
+            # bandwidth utilisation: bytes of weights read per token x tokens/s / measured bandwidth
+            fastest = tps.get("ours_compiled", tps["ours"])
+            record["roofline_fraction"] = round(fastest * weight_bytes(ours) / bandwidth, 3)
         print(json.dumps(record), flush=True)
         rows.append(record)
     print(f"\n| case | ours | compiled | transformers | ours / theirs | compiled / theirs | compile s | same tokens |")

@@ -26,7 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gpt.config import load_config  # noqa: E402
-from gpt.trainer import Trainer, lr_at  # noqa: E402
+from gpt.optim import lr_at  # noqa: E402
+from gpt.trainer import Trainer  # noqa: E402
 
 
 def synthetic_data(directory: Path, vocab_size: int = 50257, tokens: int = 20_000_000) -> Path:

@@ -83,11 +83,15 @@ class BatchConfig:
 
 
 SCHEDULES = ("cosine", "constant", "wsd")
+OPTIMIZERS = ("adamw", "muon")
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 6e-4  # peak learning rate
+    # adamw: AdamW on every parameter | muon: Muon on the blocks' weight matrices at muon_lr, AdamW
+    # on the rest (embeddings, head, norms, biases) at lr; gpt/optim.py
+    name: str = "adamw"
+    lr: float = 6e-4  # peak learning rate (AdamW's)
     min_lr: float = 6e-5  # where the decay ends
     schedule: str = "cosine"  # cosine | constant | wsd (warmup-stable-decay)
     warmup_iters: int = 100  # linear warmup from 0
@@ -98,8 +102,11 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = off
+    muon_lr: float = 0.02  # muon: peak learning rate of the block matrices (follows the schedule as lr does)
+    muon_momentum: float = 0.95  # muon: momentum (Nesterov)
 
     def __post_init__(self):
+        require(self.name in OPTIMIZERS, "name", f"one of {', '.join(OPTIMIZERS)}", self.name)
         require(self.lr > 0, "lr", "positive", self.lr)
         require(0 <= self.min_lr <= self.lr, "min_lr", f"in [0, lr = {self.lr}]", self.min_lr)
         require(self.schedule in SCHEDULES, "schedule", f"one of {', '.join(SCHEDULES)}", self.schedule)
@@ -109,6 +116,8 @@ class OptimConfig:
         require(0 <= self.beta1 < 1, "beta1", "in [0, 1)", self.beta1)
         require(0 <= self.beta2 < 1, "beta2", "in [0, 1)", self.beta2)
         require(self.grad_clip >= 0, "grad_clip", "non-negative (0 = off)", self.grad_clip)
+        require(self.muon_lr > 0, "muon_lr", "positive", self.muon_lr)
+        require(0 <= self.muon_momentum < 1, "muon_momentum", "in [0, 1)", self.muon_momentum)
 
 
 @dataclass

@@ -56,8 +56,8 @@ from gpt.downstream import dataset_file, evaluate_choices, evaluate_cloze, print
 from gpt.errors import ArgumentParser, UserError, exit_on_user_error
 from gpt.model import GPT, forward_bytes
 from gpt.objectives import MASK, OBJECTIVES, mask_tokens
-from gpt.system import (Processes, all_reduce_sum, autocast, check_memory, finish_processes, pick_device, pick_dtype,
-                        start_processes)
+from gpt.system import (Processes, all_reduce_sum, autocast, check_memory, exit_worker, finish_processes, pick_device,
+                        pick_dtype, start_processes)
 from gpt.tokenizer import Tokenizer, base_spec, from_spec
 
 
@@ -382,3 +382,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+    exit_worker()  # under torchrun: no interpreter shutdown to abort in (gpt/system.py)

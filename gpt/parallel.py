@@ -3,8 +3,8 @@
     train_model = parallelize(model, procs, device, system, dtype)   # what the training step calls
     with gradient_sync(train_model, last_micro_step): loss.backward() # accumulation: reduce once
     norm = clip_grad_norm(model, max_norm)                          # the global norm, over all shards
-    state = sharded_state(model, optimizer)                         # FSDP: this process's shards
-    load_sharded_state(model, optimizer, state)                     # after gpt.checkpoint.read_shards
+    state = sharded_state(model, optimizers)                        # FSDP: this process's shards
+    load_sharded_state(model, optimizers, state)                    # after gpt.checkpoint.read_shards
 
 Every process trains the same model on its own share of each batch, and gradients
 are averaged over processes before the optimizer step; the two engines differ in
@@ -85,8 +85,9 @@ def parallelize(model: nn.Module, procs: Processes, device: torch.device, system
 
         _, MixedPrecisionPolicy, fully_shard = _fsdp()
         if not dist.is_initialized():  # one process, not under torchrun: a group of one
+            bound = {"device_id": torch.device("cuda", torch.cuda.current_device())} if device.type == "cuda" else {}
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
-                                    world_size=1)
+                                    world_size=1, **bound)
         # GPT.forward returns the logits as a view (vocabulary padding cut off); nothing modifies them
         # in place, which is what FSDP's warning about views is for
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
@@ -124,26 +125,26 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
-def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
+def sharded_state(model: nn.Module, optimizers: list[torch.optim.Optimizer] | None = None) -> dict:
     """{"model": ..., "optimizer": ...} as this process holds them (under FSDP its shards, as
     DTensors; else whole tensors), optimizer state keyed by parameter name: what
     torch.distributed.checkpoint writes, or fills when reading (gpt.checkpoint.write_shards)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
-    if optimizer is None:
+    if optimizers is None:
         return {"model": get_model_state_dict(model)}
-    model_state, optimizer_state = get_state_dict(model, optimizer)
-    return {"model": model_state, "optimizer": optimizer_state}
+    model_state, optim_state = get_state_dict(model, optimizers)
+    return {"model": model_state, "optimizer": optim_state}
 
 
-def load_sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, state: dict) -> None:
+def load_sharded_state(model: nn.Module, optimizers: list[torch.optim.Optimizer] | None, state: dict) -> None:
     """Put sharded_state's dicts, once filled, back into the model (and optimizer)."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
-    if optimizer is None:
+    if optimizers is None:
         set_model_state_dict(model, state["model"])
     else:
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        set_state_dict(model, optimizers, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
 def load_model_state(model: nn.Module, state: dict) -> None:
@@ -157,14 +158,25 @@ def load_model_state(model: nn.Module, state: dict) -> None:
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
 
 
-def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Restore a whole optimizer state_dict (each process takes its shard): as PyTorch writes it
-    (keyed by parameter number, as DDP runs save it) or keyed by parameter name."""
+def optimizer_state(model: nn.Module, optimizers: list[torch.optim.Optimizer]) -> dict:
+    """The whole optimizer state of an unsharded model, for a checkpoint: one optimizer's
+    state_dict as PyTorch writes it; several (Muon and AdamW) merged into one dict keyed by
+    parameter name."""
+    if len(optimizers) == 1:
+        return optimizers[0].state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizers, options=StateDictOptions(full_state_dict=True))
+
+
+def load_optimizer_state(model: nn.Module, optimizers: list[torch.optim.Optimizer], state: dict) -> None:
+    """Restore a whole optimizer state (each process takes its shard): as PyTorch writes it
+    (keyed by parameter number, as DDP runs save one optimizer) or keyed by parameter name."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     if state["state"] and isinstance(next(iter(state["state"])), int):
         names = {id(p): name for name, p in model.named_parameters()}
-        order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+        order = [names[id(p)] for group in optimizers[0].param_groups for p in group["params"]]
         state = {"state": {order[i]: s for i, s in state["state"].items()},
                  "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]]}
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(model, optimizers, state, options=StateDictOptions(full_state_dict=True))

@@ -203,12 +203,29 @@ class SamplingConfig:
 # ---- decoding ------------------------------------------------------------------------------
 
 
+def _whole_step(model: GPT, tokens: torch.Tensor, cursor: torch.Tensor, cache: KVCache,
+                processors: list) -> torch.Tensor:
+    """One decoding step of one new token per row, all on the device: claim the cache slot
+    (its number is `cursor`, a tensor, so no Python number changes between steps), run the
+    model on the cache, take the last position's logits and apply the logits processors.
+    -> the next scores (B, V). Compiled once, it is one graph per step (on CUDA, a CUDA graph
+    replayed without the host waiting for it)."""
+    slots, pos = cursor.clone(), cache.next_pos[:, None].clone()
+    cache.pos.index_copy_(1, slots, pos)
+    cursor.add_(1)
+    cache.next_pos.add_(1)
+    scores = model.logits(model.decode(tokens[:, None], pos, slots, cache)[:, -1]).float()
+    for process in processors:
+        scores = process(None, scores)  # these read the scores only (see _Context.step)
+    return scores
+
+
 @functools.cache
-def _compiled_decode(device_type: str):
-    """GPT.decode compiled once per kind of device (torch.compile keeps one graph per model
-    and batch shape). On CUDA, mode="reduce-overhead" replays the step as a CUDA graph."""
+def _compiled(function, device_type: str):
+    """A step function compiled once per kind of device (torch.compile keeps one graph per
+    model, batch shape and processors). On CUDA, mode="reduce-overhead" replays it as a CUDA graph."""
     mode = "reduce-overhead" if device_type == "cuda" else None
-    return torch.compile(GPT.decode, mode=mode, dynamic=False, fullgraph=True)
+    return torch.compile(function, mode=mode, dynamic=False, fullgraph=True)
 
 
 class _Context:
@@ -218,18 +235,25 @@ class _Context:
     spare: extra cache slots a step needs (contrastive search writes its k candidates to
     the cache, all at one position, then keeps one). compile: run each step through the
     compiled GPT.decode on a static cache (the prompt's prefill stays eager).
+    processors: the logits processors of `scores`. A compiled step that feeds one token
+    per row (greedy decoding and sampling) runs whole as one graph, processors included
+    (_whole_step), unless one of them reads the tokens so far (the repetition penalty:
+    their number grows every step), which then run after it.
     """
 
     def __init__(self, model: GPT, idx: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, *, copies: int = 1,
-                 spare: int = 0, keep_hidden: bool = False, compile: bool = False):
+                 spare: int = 0, keep_hidden: bool = False, compile: bool = False, processors: list = ()):
         self.model, self.keep_hidden, self.spare = model, keep_hidden, spare
+        self.processors = list(processors)
+        self.in_graph = [] if any(isinstance(p, RepetitionPenalty) for p in self.processors) else self.processors
         self.tokens, self.mask = idx, mask.bool()
         self.capacity = idx.size(1) + max_new_tokens + spare
         if compile:  # a few cache sizes, so requests of similar lengths share one compiled step
             self.capacity = -(-self.capacity // 256) * 256
         if model.max_context():  # learned positions: at most block_size, then the context slides
             self.capacity = min(self.capacity, model.max_context() + spare)
-        self.compiled = _compiled_decode(idx.device.type) if compile else None
+        self.compiled = _compiled(GPT.decode, idx.device.type) if compile else None
+        self.whole_step = _compiled(_whole_step, idx.device.type) if compile else None
         # while the prompts' cache is copied, it and the copies exist together
         self.check_memory(idx.size(0) * copies + (idx.size(0) if copies > 1 else 0), idx.size(1), max_new_tokens)
         self.prefill(idx, self.mask)
@@ -260,8 +284,19 @@ class _Context:
         h = self.model.hidden_states(idx, attention_mask=mask, kv_cache=self.cache)
         self.cache.static = self.compiled is not None
         self.logits = self.model.logits(h[:, -1]).float()
+        self.processed = False  # logits before the processors
+        self.cursor = torch.tensor([self.cache.length], device=idx.device)  # the next free slot, for _whole_step
         self.hidden = h if self.keep_hidden else None  # contrastive search compares with these
         self.hidden_mask = mask
+
+    def scores(self) -> torch.Tensor:
+        """The next-token scores after the logits processors."""
+        if self.processed:
+            return self.logits
+        scores = self.logits
+        for process in self.processors:
+            scores = process(self.seen_tokens(), scores)
+        return scores
 
     def forward(self, idx: torch.Tensor, candidates: bool = False) -> torch.Tensor:
         """Hidden states of new tokens idx (B, T) on the cache. candidates: the T tokens are
@@ -272,10 +307,14 @@ class _Context:
         pos, slots = cache.claim_candidates(idx.size(1)) if candidates else cache.claim(idx.size(1))
         if self.compiled is None:
             return self.model.decode(idx, pos, slots, cache)
-        if idx.is_cuda:  # CUDA graphs read the cache in place: its addresses must not change
-            for t in cache.tensors():
-                torch._dynamo.mark_static_address(t)
+        self.mark_static()
         return self.compiled(self.model, idx, pos, slots, cache).clone()  # a graph's output is reused
+
+    def mark_static(self) -> None:
+        """CUDA graphs read and write the cache in place: its addresses must not change."""
+        if self.cursor.is_cuda:
+            for t in (*self.cache.tensors(), self.cache.next_pos, self.cursor):
+                torch._dynamo.mark_static_address(t)
 
     def slide(self, room: int = 1) -> None:
         """The cache is full: rebuild it from each row's last tokens, leaving `room` free slots
@@ -291,13 +330,21 @@ class _Context:
         """Tokens so far, with padding replaced by the row's last token (for repetition penalty)."""
         return torch.where(self.mask, self.tokens, self.tokens[:, -1:])
 
-    def step(self, next_tokens: torch.Tensor) -> None:
-        """Feed one token per row; the next scores come out."""
+    def step(self, next_tokens: torch.Tensor, whole: bool = False) -> None:
+        """Feed one token per row; the next scores come out. whole: as one compiled graph,
+        processors included (see the class notes; a compiled context only)."""
         self.append(next_tokens)
         if self.cache.length + self.spare == self.cache.capacity:
             self.slide(room=0)  # the new token is among the kept ones
             return
+        if whole and self.whole_step is not None:
+            self.mark_static()
+            self.cache.length += 1  # the Python count of the slot the graph claims (self.cursor)
+            self.logits = self.whole_step(self.model, next_tokens, self.cursor, self.cache, self.in_graph).clone()
+            self.processed = self.in_graph is self.processors
+            return
         self.logits = self.model.logits(self.forward(next_tokens[:, None])[:, -1]).float()
+        self.processed = False
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep the given rows in the given order (repeats allowed), cache included."""
@@ -361,11 +408,10 @@ def _start(model: GPT, idx: torch.Tensor, max_new_tokens: int, sampling: Samplin
     spare = min(sampling.top_k, model.config.vocab_size) - 1 if sampling.contrastive else 0
     copies = sampling.num_beams if beams else num_samples
     ctx = _Context(model, idx, mask, max_new_tokens, copies=copies, spare=spare, keep_hidden=sampling.contrastive,
-                   compile=compile)
+                   compile=compile, processors=sampling.processors())
     return sampling, ctx
 
 
-@torch.inference_mode()
 def stream(model: GPT, idx: torch.Tensor, max_new_tokens: int, sampling: SamplingConfig | None = None, *,
            attention_mask: torch.Tensor | None = None, num_samples: int = 1, eos_token_id: int | None = None,
            generator: torch.Generator | None = None, compile: bool | None = None,
@@ -379,19 +425,27 @@ def stream(model: GPT, idx: torch.Tensor, max_new_tokens: int, sampling: Samplin
     time. Default: on for CUDA, off on CPU, where it did not help (benchmarks/RESULTS.md).
     Beam search chooses its text at the end: use `generate`.
     """
-    was_training = model.training
     if (sampling.num_beams if sampling else settings.get("num_beams", 1)) > 1:
         raise UserError("beam search chooses its text only at the end, so it cannot stream: use generate() "
                         "(sample.py: --no-stream)")
+    return _steps(model, idx, max_new_tokens, sampling, attention_mask, num_samples, eos_token_id, generator, compile,
+                  settings, check_every=1)
+
+
+@torch.inference_mode()
+def _steps(model: GPT, idx: torch.Tensor, max_new_tokens: int, sampling: SamplingConfig | None,
+           attention_mask: torch.Tensor | None, num_samples: int, eos_token_id: int | None,
+           generator: torch.Generator | None, compile: bool | None, settings: dict,
+           check_every: int) -> Iterator[torch.Tensor]:
+    """stream's loop. It asks the device whether every row has finished (a wait for the
+    device) every check_every steps only; until then finished rows yield eos_token_id."""
+    was_training = model.training
     try:
         sampling, ctx = _start(model, idx, max_new_tokens, sampling, attention_mask, num_samples, compile, settings)
         contrastive, sample = sampling.contrastive, sampling.sample
-        processors = sampling.processors()
         finished = torch.zeros(ctx.tokens.size(0), dtype=torch.bool, device=idx.device)
-        for _ in range(max_new_tokens):
-            scores = ctx.logits
-            for process in processors:
-                scores = process(ctx.seen_tokens(), scores)
+        for step in range(max_new_tokens):
+            scores = ctx.scores()
             if contrastive:
                 next_tokens = _contrastive_choice(ctx, scores, sampling.top_k, sampling.penalty_alpha)
             elif sample:
@@ -404,10 +458,10 @@ def stream(model: GPT, idx: torch.Tensor, max_new_tokens: int, sampling: Samplin
             if contrastive:
                 ctx.tokens[:, -1] = next_tokens  # finished rows show eos (their cache is never read again)
             yield next_tokens
-            if eos_token_id is not None and bool(finished.all()):
+            if eos_token_id is not None and (step + 1) % check_every == 0 and bool(finished.all()):
                 return
             if not contrastive:
-                ctx.step(next_tokens)
+                ctx.step(next_tokens, whole=True)
     finally:
         model.train(was_training)
 
@@ -433,7 +487,7 @@ def beam_search(model: GPT, idx: torch.Tensor, max_new_tokens: int, sampling: Sa
         sampling, ctx = _start(model, idx, max_new_tokens, sampling, attention_mask, num_samples, compile, settings,
                                beams=True)
         B, T, n_beams, V = idx.size(0), idx.size(1), sampling.num_beams, model.config.vocab_size
-        processors, early, penalty = sampling.processors(), sampling.early_stopping, sampling.length_penalty
+        processors, early, penalty = ctx.processors, sampling.early_stopping, sampling.length_penalty
         device, big = idx.device, -1.0e9  # big: transformers' stand-in for minus infinity
         width = T + max_new_tokens
         fill = -1 if eos_token_id is None else eos_token_id
@@ -500,7 +554,11 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, sampling: Sampl
     if (sampling.num_beams if sampling else settings.get("num_beams", 1)) > 1:
         return beam_search(model, idx, max_new_tokens, sampling, attention_mask=attention_mask,
                            num_samples=num_samples, eos_token_id=eos_token_id, compile=compile, **settings)
-    steps = list(stream(model, idx, max_new_tokens, sampling, attention_mask=attention_mask, num_samples=num_samples,
-                        eos_token_id=eos_token_id, generator=generator, compile=compile, **settings))
-    prompt = idx.repeat_interleave(num_samples, 0)
-    return torch.cat([prompt, torch.stack(steps, 1)], 1) if steps else prompt
+    # the device is asked whether every row has finished every 16 tokens, not after each one
+    steps = torch.stack(list(_steps(model, idx, max_new_tokens, sampling, attention_mask, num_samples, eos_token_id,
+                                    generator, compile, settings, check_every=16)), 1)
+    if eos_token_id is not None:  # end after the first step at which every row had finished (as stream does)
+        finished = (steps == eos_token_id).all(0).nonzero()
+        if len(finished):
+            steps = steps[:, : int(finished[0]) + 1]
+    return torch.cat([idx.repeat_interleave(num_samples, 0), steps], 1)

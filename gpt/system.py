@@ -15,7 +15,9 @@ measured tokens/s into model FLOPs utilisation (MFU).
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -141,7 +143,10 @@ def start_processes(device: torch.device) -> Processes:
     procs = Processes(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
     if device.type == "cuda":
         torch.cuda.set_device(procs.local_rank)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        # bound to its GPU: NCCL need not guess the device from the rank (nor warn that it did)
+        dist.init_process_group(backend="nccl", device_id=torch.device("cuda", procs.local_rank))
+    else:
+        dist.init_process_group(backend="gloo")
     return procs
 
 
@@ -159,6 +164,9 @@ def finish_processes() -> None:
     then dies with "Connection reset/closed by peer" (SIGABRT), most often on a loaded
     machine. So every process also checks in on the rendezvous store (a separate
     connection) and waits until all have returned from the barrier before tearing down.
+    A DDP wrapper the caller let go of lives on in a reference cycle (its reducer's hooks
+    point back at it) and holds the process group: it is collected here, while the
+    interpreter is whole, not during its shutdown.
     """
     if not dist.is_initialized():
         return
@@ -169,7 +177,23 @@ def finish_processes() -> None:
         deadline = time.monotonic() + 60  # a peer that died after the barrier must not hang us
         while int(store.add("gpt/finished", 0)) < dist.get_world_size() and time.monotonic() < deadline:
             time.sleep(0.01)
+    gc.collect()
     dist.destroy_process_group()
+
+
+def exit_worker() -> None:
+    """End a process that torchrun started, once its work is written: skip the interpreter's
+    shutdown (outside torchrun, return).
+
+    That shutdown frees what the distributed engine still holds in no set order, and a gloo
+    thread that reaches for the interpreter while it is torn down aborts the process
+    ("terminate called without an active exception", SIGABRT) after a run that succeeded:
+    rare, on loaded machines, and it turns a good run's exit status into a failure.
+    """
+    if "RANK" in os.environ:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

@@ -32,15 +32,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gpt.atomic import DirectoryLock, atomic_path
 from gpt.checkpoint import (BEST, load_checkpoint, previous_checkpoints, read_shards, rng_state, save_checkpoint,
                             set_rng_state, shard_dir, write_shards)
-from gpt.config import Config, OptimConfig, save_config
+from gpt.config import Config, save_config
 from gpt.errors import UserError
-from gpt.parallel import (clip_grad_norm, gradient_sync, is_sharded, load_model_state, load_optimizer_state,
+from gpt.optim import lr_at, make_optimizers, set_lr
+from gpt.parallel import (clip_grad_norm, gradient_sync, is_sharded, load_model_state, load_optimizer_state, optimizer_state,
                           load_sharded_state, parallelize, sharded_state)
 from gpt.system import (all_reduce_sum, autocast, barrier, finish_processes, pick_device, pick_dtype, start_processes,
                         to_device)
@@ -54,36 +54,6 @@ class TrainingDiverged(RuntimeError):
 
 class _Stopped(Exception):
     """A stop was requested in the middle of an evaluation: it is dropped, the run saves."""
-
-
-# ---- optimisation -------------------------------------------------------------------------
-
-
-def lr_at(it: int, optim: OptimConfig, max_iters: int) -> float:
-    """The learning rate of iteration `it`: linear warmup, then cosine, constant or WSD."""
-    if it < optim.warmup_iters:
-        return optim.lr * (it + 1) / (optim.warmup_iters + 1)
-    if optim.schedule == "constant":
-        return optim.lr
-    if optim.schedule == "wsd":  # stable at lr, then a linear decay to min_lr over the last decay_iters
-        decay = optim.decay_iters or max(1, round(0.2 * max_iters))
-        progress = min(1.0, max(0.0, (it - (max_iters - decay)) / decay))
-        return optim.lr - progress * (optim.lr - optim.min_lr)
-    end = optim.decay_iters or max_iters  # cosine from lr to min_lr between warmup and end
-    if it >= end:
-        return optim.min_lr
-    progress = (it - optim.warmup_iters) / max(1, end - optim.warmup_iters)
-    return optim.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (optim.lr - optim.min_lr)
-
-
-def make_optimizer(model: nn.Module, optim: OptimConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices and embeddings (dim >= 2), not on biases and norms."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": optim.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), fused=device.type == "cuda")
 
 
 # ---- the loop's state -------------------------------------------------------------------------
@@ -133,7 +103,7 @@ class Trainer:
             if checkpoint is not None and "model" in checkpoint:  # whole tensors, before FSDP shards them
                 self.model.load_state_dict(checkpoint["model"])
             self._wrap_model()
-            self._build_optimizer()  # on the parameters that train (FSDP's shards)
+            self._build_optimizers()  # on the parameters that train (FSDP's shards)
             if checkpoint is not None:
                 self._restore(checkpoint)
             self._start_outputs(resumed=checkpoint is not None)
@@ -209,9 +179,9 @@ class Trainer:
                         f"{steps // world} accumulation steps each (the global batch is unchanged)")
         return steps // world
 
-    def _build_optimizer(self) -> None:
+    def _build_optimizers(self) -> None:
         cfg = self.cfg
-        self.optimizer = make_optimizer(self.model, cfg.optim, self.device)
+        self.optimizers = make_optimizers(self.model, cfg.optim, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.state = TrainState(best_metric=self.task.best_metric)
         self.resumed_before_eval = False
@@ -221,9 +191,9 @@ class Trainer:
         """A resumed run: optimiser (and a sharded checkpoint's weights), scaler, the task's data
         position, the loop, the RNGs."""
         if "shards" in ckpt:
-            self._read_shards(ckpt, self.checkpoint_path, self.optimizer)
+            self._read_shards(ckpt, self.checkpoint_path, self.optimizers)
         else:
-            load_optimizer_state(self.model, self.optimizer, ckpt["optimizer"])
+            load_optimizer_state(self.model, self.optimizers, ckpt["optimizer"])
         if ckpt["scaler"] and self.scaler.is_enabled():  # empty when written without fp16
             self.scaler.load_state_dict(ckpt["scaler"])
         self.task.load_state_dict(ckpt["sampler"])
@@ -236,12 +206,12 @@ class Trainer:
             print(f"note: the checkpoint was written by {len(rngs)} process(es), this run has "
                   f"{self.procs.world_size}: random generators start afresh (data order is unchanged)")
 
-    def _read_shards(self, ckpt: dict, path: Path, optimizer=None) -> None:
+    def _read_shards(self, ckpt: dict, path: Path, optimizers=None) -> None:
         """A sharded checkpoint's weights (and optimizer state) into what this process holds,
         however many processes wrote them."""
-        state = sharded_state(self.model, optimizer)
+        state = sharded_state(self.model, optimizers)
         read_shards(state, shard_dir(path, ckpt))
-        load_sharded_state(self.model, optimizer, state)
+        load_sharded_state(self.model, optimizers, state)
 
     def _wrap_model(self) -> None:
         """The models that run (gpt/parallel.py): for training steps, wrapped for DDP or sharded by
@@ -402,8 +372,7 @@ class Trainer:
         micro-steps drops the step (None): data position and random generators are put back,
         so a resumed run takes the same step exactly.
         """
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.optimizers, lr / self.cfg.optim.lr)
         droppable = self.procs.world_size == 1 and self.grad_accum > 1
         if droppable:
             before = (self.task.state_dict(), torch.get_rng_state(),
@@ -411,7 +380,7 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for micro in range(self.grad_accum):
             if droppable and self.stop_requested:
-                self.optimizer.zero_grad(set_to_none=True)
+                self._zero_grad()
                 self.task.load_state_dict(before[0])
                 torch.set_rng_state(before[1])
                 if before[2] is not None:
@@ -426,12 +395,14 @@ class Trainer:
                     loss = self.task.loss(self.train_model, batch) / self.grad_accum  # summed gradient = full batch's mean
                 self.scaler.scale(loss).backward()
             total += loss.detach()
-        self.scaler.unscale_(self.optimizer)
+        for optimizer in self.optimizers:
+            self.scaler.unscale_(optimizer)
         clip = self.cfg.optim.grad_clip or float("inf")
         grad_norm = clip_grad_norm(self.model, clip)
-        self.scaler.step(self.optimizer)  # skips the step if fp16 gradients overflowed
+        for optimizer in self.optimizers:
+            self.scaler.step(optimizer)  # skips the step if fp16 gradients overflowed
         self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        self._zero_grad()
 
         summary = torch.stack([total.float(), torch.tensor(float(self.stop_requested), device=self.device)])
         all_reduce_sum(summary)
@@ -514,9 +485,9 @@ class Trainer:
             rngs = [None] * self.procs.world_size
             torch.distributed.all_gather_object(rngs, rng_state())
         if is_sharded(self.model):  # every process writes its shards; the file names their directory
-            weights = {"shards": write_shards(sharded_state(self.model, self.optimizer), self.out_dir, self.state.iter)}
+            weights = {"shards": write_shards(sharded_state(self.model, self.optimizers), self.out_dir, self.state.iter)}
         else:
-            weights = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+            weights = {"model": self.model.state_dict(), "optimizer": optimizer_state(self.model, self.optimizers)}
         if not self.procs.is_main:
             return
         state = {
@@ -577,6 +548,10 @@ class Trainer:
 
 
     # ---- leaving -------------------------------------------------------------------------------
+
+    def _zero_grad(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
 
     def _release(self) -> None:
         """Let other runs write out_dir again."""

@@ -229,12 +229,12 @@ def test_a_fixed_synthesizer_never_trains_its_matrix_and_saves_it():
 
 def test_gau_layer_is_one_unit_with_the_papers_widths():
     from gpt.config import OptimConfig
-    from gpt.trainer import make_optimizer
+    from gpt.optim import make_optimizers
 
     model = model_with(block="gau")
     block = model.transformer.h[0]
     assert not hasattr(block, "mlp") and not hasattr(block, "ln_2")
-    decayed = make_optimizer(model, OptimConfig(), torch.device("cpu")).param_groups[0]["params"]
+    decayed = make_optimizers(model, OptimConfig(), torch.device("cpu"))[0].param_groups[0]["params"]
     assert not any(p is block.attn.gamma_q or p is block.attn.beta_k for p in decayed)  # vectors: no weight decay
     assert block.attn.c_uv.weight.shape == (4 * 32, 32) and block.attn.c_z.weight.shape == (GAU_KEY_DIM, 32)
     assert block.attn.c_proj.weight.shape == (32, 2 * 32)

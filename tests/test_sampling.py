@@ -163,6 +163,21 @@ def test_compiled_decoding_equals_eager_and_transformers(models):
             assert generate(ours, idx, 20, compile=False, **settings)[0].tolist() == expected
 
 
+@pytest.mark.slow
+def test_a_compiled_step_runs_whole_and_gives_the_eager_tokens():
+    """compile=True runs a greedy or sampling step as one graph (cache bookkeeping, model, logits
+    processors; the repetition penalty after it): the same tokens as eager decoding for the same
+    seed, across a context slide (learned positions, block_size 24)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=24, vocab_size=211, n_layer=2, n_head=4, n_embd=64)).eval()
+    idx = torch.tensor([[17, 3, 99, 42], [5, 6, 7, 8]])
+    for settings in (dict(temperature=0), dict(temperature=0.8, top_k=20, top_p=0.9), dict(temperature=0.7, min_p=0.1),
+                     dict(temperature=0.9, repetition_penalty=1.3)):
+        runs = [generate(model, idx, 40, generator=torch.Generator().manual_seed(1), compile=compile, **settings)
+                for compile in (False, True)]
+        assert torch.equal(*runs), settings
+
+
 # ---- our own guarantees ---------------------------------------------------------------------------
 
 
