@@ -3,9 +3,11 @@
     python benchmarks/architecture_experiments.py positions   # length extrapolation (~25 min, 2-core CPU)
     python benchmarks/architecture_experiments.py norms       # pre-/post-norm, RMSNorm, warmup (~20 min)
     python benchmarks/architecture_experiments.py recipe      # candidates for the Quickstart config
+    python benchmarks/architecture_experiments.py optimizers  # Muon vs AdamW Quickstart, alternating (~16 min)
     python benchmarks/architecture_experiments.py positions --max_iters=100   # a quick look
 
-positions: the Quickstart model (configs/shakespeare_char.toml, block_size 128) trained
+positions: the Quickstart model with its AdamW recipe (configs/shakespeare_char_adamw.toml,
+block_size 128; every experiment here but "optimizers" uses that config) trained
 once per position scheme with the same budget, then evaluated on the validation split at
 contexts 128, 256, 512 and 1024: non-overlapping windows over the whole split, and
 sliding windows (stride 64) over its first 32,768 tokens. Learned positions cannot read
@@ -17,6 +19,9 @@ each with and without the learning-rate warmup; training loss curves in one pict
 recipe: the Quickstart config against switched versions of it, trained in turn on this
 machine; wall time and validation loss of each.
 
+optimizers: the Quickstart (Muon and AdamW) against its plain-AdamW recipe
+(configs/shakespeare_char_adamw.toml), alternating, so that both see the same machine.
+
 Each run is `python train.py` in a subprocess (out/experiments/NAME), timed from start to
 exit. Results go to benchmarks/results/EXPERIMENT.json and pictures to docs/.
 """
@@ -25,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import subprocess
 import sys
 import time
@@ -40,17 +44,19 @@ from gpt.dataset import TokenDataset  # noqa: E402
 from gpt.evaluate import evaluate_tokens  # noqa: E402
 from gpt.positions import POSITIONS  # noqa: E402
 
-CONFIG = ROOT / "configs" / "shakespeare_char.toml"
+# the Quickstart's AdamW recipe: what these experiments were measured with (the Quickstart now uses Muon)
+CONFIG = ROOT / "configs" / "shakespeare_char_adamw.toml"
 OUT = ROOT / "out" / "experiments"
 CONTEXTS = (128, 256, 512, 1024)
 SLIDING_TOKENS, SLIDING_STRIDE = 32_768, 64
 
 
-def train(name: str, overrides: list[str], max_iters: int | None, script: tuple[str, ...] = ("train.py",)) -> dict:
-    """One train.py run (or `script`, which takes train.py's arguments); its wall time, final
-    validation loss and the step losses."""
+def train(name: str, overrides: list[str], max_iters: int | None, script: tuple[str, ...] = ("train.py",),
+          config: Path = CONFIG) -> dict:
+    """One train.py run (or `script`, which takes train.py's arguments) of `config`; its wall
+    time, final validation loss and the step losses."""
     out = OUT / name
-    argv = [sys.executable, *script, str(CONFIG), f"--run.out_dir={out}", "--log.plot=false", "--overwrite", *overrides]
+    argv = [sys.executable, *script, str(config), f"--run.out_dir={out}", "--log.plot=false", "--overwrite", *overrides]
     if max_iters:
         argv.append(f"--run.max_iters={max_iters}")
     print(f"== {name}: {' '.join(overrides) or '(the config as is)'}", flush=True)
@@ -99,6 +105,19 @@ def norms(args) -> dict:
             run["label"], run["warmup"] = label, warmup
             runs.append(run)
     draw_norms(runs, ROOT / "docs" / "norms_warmup.png")
+    return {"runs": runs}
+
+
+def optimizers(args) -> dict:
+    """The Quickstart (Muon, configs/shakespeare_char.toml) and its plain-AdamW recipe
+    (configs/shakespeare_char_adamw.toml), alternating, args.rounds times each."""
+    runs = []
+    for round_ in range(args.rounds):
+        for name in ("adamw", "muon"):
+            config = ROOT / "configs" / ("shakespeare_char_adamw.toml" if name == "adamw" else "shakespeare_char.toml")
+            run = train(f"optimizers_{name}_{round_}", [], args.max_iters, config=config)
+            run["recipe"], run["round"] = name, round_
+            runs.append(run)
     return {"runs": runs}
 
 
@@ -159,7 +178,8 @@ def draw_norms(runs: list[dict], png: Path) -> None:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("experiment", choices=["positions", "norms", "recipe"])
+    p.add_argument("experiment", choices=["positions", "norms", "recipe", "optimizers"])
+    p.add_argument("--rounds", type=int, default=2, help="optimizers: runs of each recipe, alternating")
     p.add_argument("--max_iters", type=int, help="override the runs' length (default: the config's; norms: 600)")
     p.add_argument("--redraw", action="store_true", help="only draw the picture again from the saved results")
     args = p.parse_args()
@@ -171,7 +191,7 @@ def main():
         function, png = draw[args.experiment]
         function(saved["runs"], ROOT / "docs" / png)
         return
-    results = {"positions": positions, "norms": norms, "recipe": recipe}[args.experiment](args)
+    results = {"positions": positions, "norms": norms, "recipe": recipe, "optimizers": optimizers}[args.experiment](args)
     results["torch"], results["machine"] = torch.__version__, f"{torch.get_num_threads()} CPU threads"
     path = ROOT / "benchmarks" / "results" / f"{args.experiment}.json"
     path.parent.mkdir(exist_ok=True)

@@ -141,7 +141,7 @@ def main():
             record["roofline_fraction"] = round(fastest * weight_bytes(ours) / bandwidth, 3)
         print(json.dumps(record), flush=True)
         rows.append(record)
-    print(f"\n| case | ours | compiled | transformers | ours / theirs | compiled / theirs | compile s | same tokens |")
+    print("\n| case | ours | compiled | transformers | ours / theirs | compiled / theirs | compile s | same tokens |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['case']} (batch {r['batch']}) | {r['ours_tokens_per_s']} | {r.get('ours_compiled_tokens_per_s', '-')} | "

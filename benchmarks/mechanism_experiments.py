@@ -9,7 +9,7 @@ Shakespeare (char), one seed per cell.
     python benchmarks/mechanism_experiments.py patterns        # sparse patterns with 16 keys per query (~12 min)
     python benchmarks/mechanism_experiments.py mechanisms --max_iters=100   # a quick look
 
-mechanisms: the Quickstart model and budget (configs/shakespeare_char.toml, 1700 steps) with
+mechanisms: the Quickstart model and budget (its AdamW recipe, configs/shakespeare_char_adamw.toml, 1700 steps) with
 GPT-2's learned positions (linear attention and the Synthesizers take no RoPE), once per
 attention mechanism, and a GAU stack with about the same parameters: parameters, ms per
 step, validation loss, loss by position in a 128-character window.
@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from dataclasses import replace
 from pathlib import Path

@@ -5,7 +5,7 @@ and zero-shot vs few-shot vs fine-tuned multiple choice, on the shipped data, on
     python benchmarks/objective_experiments.py shots        # ~75 min
     python benchmarks/objective_experiments.py objectives --reuse   # keep finished runs in out/experiments
 
-objectives: the Quickstart model and budget (configs/shakespeare_char.toml: 4 x 128, 1700 steps
+objectives: the Quickstart model and budget (its AdamW recipe, configs/shakespeare_char_adamw.toml: 4 x 128, 1700 steps
 of 16 x 128 tokens) pretrained on the shipped Shakespeare as bytes (data/shakespeare/byte, so
 that the SMS messages' characters have ids) with lm.objective = causal (GPT), mlm (BERT) and
 prefix (prefix LM). Measured: each model's own validation loss; the next-byte loss of the

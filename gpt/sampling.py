@@ -7,6 +7,7 @@
     out = generate(model, idx, 100, penalty_alpha=0.6, top_k=4)         # contrastive search
     out = generate(model, idx, 100, num_beams=4)                         # beam search
     for tokens in stream(model, idx, 100, top_p=0.9): ...               # (B,) new tokens per step
+    for step in steps(model, idx, 100, top_p=0.9): ...                  # step.tokens, step.scores (B, V)
 
 Logits processors change the next-token scores before a choice is made. They
 follow Hugging Face transformers exactly (same thresholds, same tie handling,
@@ -40,7 +41,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field, fields
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -425,6 +426,22 @@ def stream(model: GPT, idx: torch.Tensor, max_new_tokens: int, sampling: Samplin
     time. Default: on for CUDA, off on CPU, where it did not help (benchmarks/RESULTS.md).
     Beam search chooses its text at the end: use `generate`.
     """
+    return (step.tokens for step in steps(model, idx, max_new_tokens, sampling, attention_mask=attention_mask,
+                                          num_samples=num_samples, eos_token_id=eos_token_id, generator=generator,
+                                          compile=compile, **settings))
+
+
+class Step(NamedTuple):
+    tokens: torch.Tensor  # (B,) the tokens chosen
+    scores: torch.Tensor  # (B, V) the scores they were chosen from, after the logits processors (-inf: filtered out)
+
+
+def steps(model: GPT, idx: torch.Tensor, max_new_tokens: int, sampling: SamplingConfig | None = None, *,
+          attention_mask: torch.Tensor | None = None, num_samples: int = 1, eos_token_id: int | None = None,
+          generator: torch.Generator | None = None, compile: bool | None = None, **settings) -> Iterator[Step]:
+    """stream, with the scores of each step: softmax(step.scores) are the probabilities the
+    tokens were drawn from (sampling) or picked by (greedy: the largest; contrastive search
+    ranks its top_k by them and by similarity)."""
     if (sampling.num_beams if sampling else settings.get("num_beams", 1)) > 1:
         raise UserError("beam search chooses its text only at the end, so it cannot stream: use generate() "
                         "(sample.py: --no-stream)")
@@ -436,7 +453,7 @@ def stream(model: GPT, idx: torch.Tensor, max_new_tokens: int, sampling: Samplin
 def _steps(model: GPT, idx: torch.Tensor, max_new_tokens: int, sampling: SamplingConfig | None,
            attention_mask: torch.Tensor | None, num_samples: int, eos_token_id: int | None,
            generator: torch.Generator | None, compile: bool | None, settings: dict,
-           check_every: int) -> Iterator[torch.Tensor]:
+           check_every: int) -> Iterator[Step]:
     """stream's loop. It asks the device whether every row has finished (a wait for the
     device) every check_every steps only; until then finished rows yield eos_token_id."""
     was_training = model.training
@@ -457,7 +474,7 @@ def _steps(model: GPT, idx: torch.Tensor, max_new_tokens: int, sampling: Samplin
                 finished |= next_tokens == eos_token_id
             if contrastive:
                 ctx.tokens[:, -1] = next_tokens  # finished rows show eos (their cache is never read again)
-            yield next_tokens
+            yield Step(next_tokens, scores)
             if eos_token_id is not None and (step + 1) % check_every == 0 and bool(finished.all()):
                 return
             if not contrastive:
@@ -555,10 +572,11 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, sampling: Sampl
         return beam_search(model, idx, max_new_tokens, sampling, attention_mask=attention_mask,
                            num_samples=num_samples, eos_token_id=eos_token_id, compile=compile, **settings)
     # the device is asked whether every row has finished every 16 tokens, not after each one
-    steps = torch.stack(list(_steps(model, idx, max_new_tokens, sampling, attention_mask, num_samples, eos_token_id,
-                                    generator, compile, settings, check_every=16)), 1)
+    new = torch.stack([step.tokens for step in _steps(model, idx, max_new_tokens, sampling, attention_mask,
+                                                        num_samples, eos_token_id, generator, compile, settings,
+                                                        check_every=16)], 1)
     if eos_token_id is not None:  # end after the first step at which every row had finished (as stream does)
-        finished = (steps == eos_token_id).all(0).nonzero()
+        finished = (new == eos_token_id).all(0).nonzero()
         if len(finished):
-            steps = steps[:, : int(finished[0]) + 1]
-    return torch.cat([idx.repeat_interleave(num_samples, 0), steps], 1)
+            new = new[:, : int(finished[0]) + 1]
+    return torch.cat([idx.repeat_interleave(num_samples, 0), new], 1)

@@ -84,6 +84,7 @@ def test_there_is_no_import_cycle_in_the_package():
     ("gpt.parallel", {"gpt.errors", "gpt.system"}),  # knows no model, trainer or checkpoint file
     ("gpt.dataset", {"gpt.errors"}),
     ("gpt.hf", {"gpt.errors", "gpt.atomic", "gpt.model"}),
+    ("gpt.optim", {"gpt.errors", "gpt.config"}),  # the optimisers and the schedule: no model, trainer or files
 ])
 def test_lower_modules_import_only_lower_ones(module, allowed):
     imports = import_graph()[module]
@@ -113,7 +114,7 @@ def test_inference_commands_do_not_load_the_trainer():
         assert heavy not in sample, heavy
     # DDP: torch itself may import its module (torch 2.13 does); sample.py must add nothing of it
     assert (ddp in sample) <= (ddp in torch_alone)
-    for command in ("gpt.classify", "gpt.evaluate", "gpt.inspect"):
+    for command in ("gpt.classify", "gpt.evaluate", "gpt.inspect", "gpt.serve"):
         loaded = modules_after_importing(f"import {command}")
         assert "gpt.trainer" not in loaded and "gpt.config" not in loaded, command
     assert "matplotlib" not in modules_after_importing("import gpt.plot")  # imported only when drawing
