@@ -215,7 +215,8 @@ def part_attention(c: Check) -> None:
 def part_fsdp(c: Check) -> None:
     gpus = 2 if c.dry else max(1, torch.cuda.device_count())
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}", "train.py",
-           "configs/shakespeare_char.toml", "--system.parallel=fsdp", f"--run.out_dir={c.out}/fsdp", "--log.plot=false"]
+           "configs/shakespeare_char.toml", "--system.parallel=fsdp", "--optim.name=adamw",  # Muon needs whole matrices
+           f"--run.out_dir={c.out}/fsdp", "--log.plot=false"]
     cmd += [*TOY, "--system.device=cpu", "--batch.batch_size=2", "--eval.eval_interval=2", "--eval.eval_iters=1",
             "--log.log_interval=1"] if c.dry else \
         ["--system.dtype=bfloat16", "--eval.eval_interval=20", "--eval.eval_iters=5", "--log.log_interval=10"]
