@@ -29,7 +29,7 @@ API (JSON in, JSON out; errors are a 4xx with {"error": one line}):
     POST /api/generate    {"prompt", "method": greedy|sample|contrastive|beam, "max_new_tokens", "seed", settings}
                           -> one JSON object per line as it happens: {"id", "prompt": [token]}, then
                           {"token": {"id", "text", "label", "p", "top": [{"id", "label", "p"}]}} per step,
-                          then {"done": "length" | "eos" | "stopped"}
+                          then {"done": "length" | "eos" | "stopped"} (or {"error": one line})
     POST /api/stop        {"id"}: end that generation (it answers {"done": "stopped"})
     POST /api/attention   {"tokens": [ids], "query": i} -> attention from token i to tokens up to it
     POST /api/classify    {"text"} -> {"label", "labels", "probabilities"} (a classifier checkpoint)
@@ -50,6 +50,7 @@ import dataclasses
 import json
 import sys
 import threading
+import traceback
 import uuid
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -160,6 +161,8 @@ class Server:
         for name, value in (("max_new_tokens", n), ("seed", seed)):
             if not isinstance(value, int) or isinstance(value, bool):
                 raise RequestError(HTTPStatus.BAD_REQUEST, f"{name} must be a whole number, got {value!r}")
+        if not 0 <= seed < 2**63:
+            raise RequestError(HTTPStatus.BAD_REQUEST, f"seed must be from 0 to 2**63 - 1, got {seed}")
         if not 1 <= n <= self.limits.new_tokens:
             raise RequestError(HTTPStatus.BAD_REQUEST, f"max_new_tokens must be from 1 to {self.limits.new_tokens} "
                                                        f"(the server's --max_new_tokens), got {n}")
@@ -175,7 +178,9 @@ class Server:
             raise RequestError(HTTPStatus.BAD_REQUEST, "contrastive search needs penalty_alpha and top_k >= 2")
         for name, value in settings.items():
             kind = next(f.metadata["type"] for f in dataclasses.fields(SamplingConfig) if f.name == name)
-            if kind in (int, float) and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+            if kind is int and (not isinstance(value, int) or isinstance(value, bool)):
+                raise RequestError(HTTPStatus.BAD_REQUEST, f"{name} must be a whole number, got {value!r}")
+            if kind is float and (not isinstance(value, (int, float)) or isinstance(value, bool)):
                 raise RequestError(HTTPStatus.BAD_REQUEST, f"{name} must be a number, got {value!r}")
         try:
             sampling = SamplingConfig(**settings)
@@ -349,7 +354,10 @@ class Handler(BaseHTTPRequestHandler):
             action = self.routes.get(self.path)
             if action is None:
                 raise RequestError(HTTPStatus.NOT_FOUND, f"no API {self.path}: POST to {', '.join(self.routes)}")
-            length = int(self.headers.get("Content-Length") or 0)
+            length = self.headers.get("Content-Length") or "0"
+            if not length.isdigit():
+                raise RequestError(HTTPStatus.BAD_REQUEST, f"Content-Length must be a whole number, got {length!r}")
+            length = int(length)
             if length > self.app.limits.body_bytes:
                 raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                                    f"the request is {length:,} bytes; the limit is {self.app.limits.body_bytes:,}")
@@ -363,6 +371,13 @@ class Handler(BaseHTTPRequestHandler):
         except RequestError as e:
             self.send_json(e.status, {"error": str(e)})
             return
+        except UserError as e:  # e.g. a character the model's vocabulary lacks
+            self.send_json(HTTPStatus.BAD_REQUEST, {"error": str(e)})
+            return
+        except Exception as e:  # a bug: say so, keep serving
+            traceback.print_exc()
+            self.send_json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"internal error: {type(e).__name__}: {e}"})
+            return
         if action == "generate":
             self.stream(*answer)
         else:
@@ -375,9 +390,12 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Type", "application/x-ndjson")
             self.send_header("Cache-Control", "no-store")
             self.end_headers()
-            for event in events:
-                self.wfile.write(json.dumps(event).encode() + b"\n")
-                self.wfile.flush()
+            try:
+                for event in events:
+                    self.wfile.write(json.dumps(event).encode() + b"\n")
+                    self.wfile.flush()
+            except UserError as e:  # found once generating (a KV cache larger than the free memory): the last line
+                self.wfile.write(json.dumps({"error": str(e)}).encode() + b"\n")
         except (BrokenPipeError, ConnectionResetError):
             pass  # the page was closed or the request cancelled
         finally:

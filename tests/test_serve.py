@@ -176,10 +176,15 @@ def test_every_attention_design_can_be_looked_into():
     ({"prompt": "a", "method": "nucleus"}, 400, "unknown method 'nucleus': use one of greedy, sample"),
     ({"prompt": "a", "temprature": 1}, 400, "unknown field(s) temprature"),
     ({"prompt": "a", "temperature": -1}, 400, "temperature must be >= 0"),
-    ({"prompt": "a", "top_k": "many"}, 400, "top_k must be a number"),
+    ({"prompt": "a", "top_k": "many"}, 400, "top_k must be a whole number"),
     ({"prompt": "a", "method": "beam", "num_beams": 50}, 400, "beam search needs num_beams from 2 to 8"),
     ({"prompt": "a" * 5000}, 413, "the prompt is 5,000 tokens; the limit is 2,048"),
     ({"prompt": 12}, 400, "prompt must be a string"),
+    ({"prompt": "a", "top_k": 4.5}, 400, "top_k must be a whole number"),
+    ({"prompt": "a", "seed": 10**30}, 400, "seed must be from 0 to 2**63 - 1"),
+    ({"prompt": "a", "max_new_tokens": True}, 400, "max_new_tokens must be a whole number"),
+    ({"prompt": "a", "temperature": float("nan")}, 400, "temperature must be a finite number"),
+    ({"prompt": "日本"}, 400, "2 character(s) not in this char tokenizer's vocabulary"),
     ([1, 2], 400, "the body must be a JSON object"),
 ])
 def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(served, body, status, message):
@@ -203,6 +208,15 @@ def test_malformed_and_misdirected_requests(served):
     info = json.loads(info)
     assert info["kind"] == "lm" and info["layers"] == 2 and info["limits"]["new_tokens"] == 400
     assert {s["name"]: s["default"] for s in info["settings"]}["temperature"] == 0.8  # sample.py's
+
+
+def test_a_content_length_that_is_no_number(served):
+    connection = http.client.HTTPConnection("127.0.0.1", served.port, timeout=60)
+    connection.putrequest("POST", "/api/generate")
+    connection.putheader("Content-Length", "lots")
+    connection.endheaders()
+    response = connection.getresponse()
+    assert response.status == 400 and "Content-Length must be a whole number" in json.loads(response.read())["error"]
 
 
 def test_a_request_over_the_size_limit(served):
