@@ -10,9 +10,10 @@ optim.name = "muon": Muon (torch.optim.Muon, torch >= 2.9) for the 2-D weight ma
 inside the transformer blocks (attention and MLP projections), at optim.muon_lr; AdamW, as
 above, for everything else (token and position embeddings, the tied head, norms, biases,
 a classifier's head), at optim.lr. Muon keeps a momentum of the gradient, as SGD does, and
-replaces each matrix's update by the nearest semi-orthogonal matrix (five Newton-Schulz
-iterations): every direction of the update gets the same size, so the rarely-pushed
-directions learn as fast as the common ones. Embeddings and the head are lookups and a
+replaces each matrix's update by an approximation of the nearest semi-orthogonal matrix
+(five Newton-Schulz iterations: singular values pushed to roughly 0.6-1.2): every direction
+of the update gets about the same size, so the rarely-pushed directions learn as fast as
+the common ones. Embeddings and the head are lookups and a
 classifier over the vocabulary, not linear maps between hidden spaces, and stay with AdamW
 (Keller Jordan's Muon notes; nanochat and modded-nanogpt split the same way). Newton-Schulz
 needs each matrix whole, so Muon does not run on FSDP's shards (refused); DDP is fine (every

@@ -85,7 +85,8 @@ def parallelize(model: nn.Module, procs: Processes, device: torch.device, system
 
         _, MixedPrecisionPolicy, fully_shard = _fsdp()
         if not dist.is_initialized():  # one process, not under torchrun: a group of one
-            bound = {"device_id": torch.device("cuda", torch.cuda.current_device())} if device.type == "cuda" else {}
+            index = device.index if device.index is not None else torch.cuda.current_device() if device.type == "cuda" else 0
+            bound = {"device_id": torch.device("cuda", index)} if device.type == "cuda" else {}
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
                                     world_size=1, **bound)
         # GPT.forward returns the logits as a view (vocabulary padding cut off); nothing modifies them

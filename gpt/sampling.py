@@ -204,27 +204,24 @@ class SamplingConfig:
 # ---- decoding ------------------------------------------------------------------------------
 
 
-def _whole_step(model: GPT, tokens: torch.Tensor, cursor: torch.Tensor, cache: KVCache,
-                processors: list) -> torch.Tensor:
+def _whole_step(model: GPT, tokens: torch.Tensor, cursor: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """One decoding step of one new token per row, all on the device: claim the cache slot
     (its number is `cursor`, a tensor, so no Python number changes between steps), run the
-    model on the cache, take the last position's logits and apply the logits processors.
-    -> the next scores (B, V). Compiled once, it is one graph per step (on CUDA, a CUDA graph
-    replayed without the host waiting for it)."""
+    model on the cache and take the last position's logits. -> the next logits (B, V), fp32.
+    Compiled, it is one graph per step (on CUDA, a CUDA graph replayed without the host
+    waiting for it). The logits processors run after it: their settings are Python numbers,
+    and each new value would be another compile."""
     slots, pos = cursor.clone(), cache.next_pos[:, None].clone()
     cache.pos.index_copy_(1, slots, pos)
     cursor.add_(1)
     cache.next_pos.add_(1)
-    scores = model.logits(model.decode(tokens[:, None], pos, slots, cache)[:, -1]).float()
-    for process in processors:
-        scores = process(None, scores)  # these read the scores only (see _Context.step)
-    return scores
+    return model.logits(model.decode(tokens[:, None], pos, slots, cache)[:, -1]).float()
 
 
 @functools.cache
 def _compiled(function, device_type: str):
-    """A step function compiled once per kind of device (torch.compile keeps one graph per
-    model, batch shape and processors). On CUDA, mode="reduce-overhead" replays it as a CUDA graph."""
+    """A step function compiled per kind of device (torch.compile keeps one graph per model,
+    batch size and cache size). On CUDA, mode="reduce-overhead" replays it as a CUDA graph."""
     mode = "reduce-overhead" if device_type == "cuda" else None
     return torch.compile(function, mode=mode, dynamic=False, fullgraph=True)
 
@@ -237,16 +234,13 @@ class _Context:
     the cache, all at one position, then keeps one). compile: run each step through the
     compiled GPT.decode on a static cache (the prompt's prefill stays eager).
     processors: the logits processors of `scores`. A compiled step that feeds one token
-    per row (greedy decoding and sampling) runs whole as one graph, processors included
-    (_whole_step), unless one of them reads the tokens so far (the repetition penalty:
-    their number grows every step), which then run after it.
+    per row (greedy decoding and sampling) runs as one graph (_whole_step).
     """
 
     def __init__(self, model: GPT, idx: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, *, copies: int = 1,
                  spare: int = 0, keep_hidden: bool = False, compile: bool = False, processors: list = ()):
         self.model, self.keep_hidden, self.spare = model, keep_hidden, spare
         self.processors = list(processors)
-        self.in_graph = [] if any(isinstance(p, RepetitionPenalty) for p in self.processors) else self.processors
         self.tokens, self.mask = idx, mask.bool()
         self.capacity = idx.size(1) + max_new_tokens + spare
         if compile:  # a few cache sizes, so requests of similar lengths share one compiled step
@@ -285,15 +279,12 @@ class _Context:
         h = self.model.hidden_states(idx, attention_mask=mask, kv_cache=self.cache)
         self.cache.static = self.compiled is not None
         self.logits = self.model.logits(h[:, -1]).float()
-        self.processed = False  # logits before the processors
         self.cursor = torch.tensor([self.cache.length], device=idx.device)  # the next free slot, for _whole_step
         self.hidden = h if self.keep_hidden else None  # contrastive search compares with these
         self.hidden_mask = mask
 
     def scores(self) -> torch.Tensor:
         """The next-token scores after the logits processors."""
-        if self.processed:
-            return self.logits
         scores = self.logits
         for process in self.processors:
             scores = process(self.seen_tokens(), scores)
@@ -332,8 +323,8 @@ class _Context:
         return torch.where(self.mask, self.tokens, self.tokens[:, -1:])
 
     def step(self, next_tokens: torch.Tensor, whole: bool = False) -> None:
-        """Feed one token per row; the next scores come out. whole: as one compiled graph,
-        processors included (see the class notes; a compiled context only)."""
+        """Feed one token per row; the next scores come out. whole: as one compiled graph
+        (_whole_step; a compiled context only)."""
         self.append(next_tokens)
         if self.cache.length + self.spare == self.cache.capacity:
             self.slide(room=0)  # the new token is among the kept ones
@@ -341,11 +332,10 @@ class _Context:
         if whole and self.whole_step is not None:
             self.mark_static()
             self.cache.length += 1  # the Python count of the slot the graph claims (self.cursor)
-            self.logits = self.whole_step(self.model, next_tokens, self.cursor, self.cache, self.in_graph).clone()
-            self.processed = self.in_graph is self.processors
+            self.logits = self.whole_step(self.model, next_tokens, self.cursor, self.cache).clone()
             return
         self.logits = self.model.logits(self.forward(next_tokens[:, None])[:, -1]).float()
-        self.processed = False
+        self.cursor.fill_(self.cache.length)  # for a whole step after this one
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep the given rows in the given order (repeats allowed), cache included."""

@@ -20,17 +20,18 @@ penalty, temperature, top-k, top-p, min-p), which is the distribution a sampled
 token was drawn from. Tokens a processor removed have probability 0. Beam search
 picks its text only at the end. Its tokens then come all at once, with the model's
 own next-token probabilities (no processor). Attention is GPT.attention_probabilities
-over the text up to the clicked token. Models with learned positions see only their
-last block_size tokens of it.
+over the text up to the clicked token: its last block_size tokens for models with
+learned positions, its last 1,024 for the others.
 
-API (JSON in, JSON out; errors are a 4xx with {"error": one line}):
+API (JSON in, JSON out; errors are a 4xx, or a 500 for a bug, with {"error": one line}):
     GET  /                the page
     GET  /api/info        the model (kind, layers, heads, tokenizer), the settings with their defaults, the limits
     POST /api/generate    {"prompt", "method": greedy|sample|contrastive|beam, "max_new_tokens", "seed", settings}
                           -> one JSON object per line as it happens: {"id", "prompt": [token]}, then
                           {"token": {"id", "text", "label", "p", "top": [{"id", "label", "p"}]}} per step,
                           then {"done": "length" | "eos" | "stopped"} (or {"error": one line})
-    POST /api/stop        {"id"}: end that generation (it answers {"done": "stopped"})
+    POST /api/stop        {"id"}: end that generation (it answers {"done": "stopped"}; beam search,
+                          which runs as one call, ends only when it is done)
     POST /api/attention   {"tokens": [ids], "query": i} -> attention from token i to tokens up to it
     POST /api/classify    {"text"} -> {"label", "labels", "probabilities"} (a classifier checkpoint)
 
@@ -151,7 +152,7 @@ class Server:
             raise RequestError(HTTPStatus.BAD_REQUEST, f"unknown field(s) {', '.join(unknown)}: the fields are "
                                                        f"{', '.join(sorted(known))}")
         method = request.get("method", "sample")
-        if method not in METHODS:
+        if not isinstance(method, str) or method not in METHODS:
             raise RequestError(HTTPStatus.BAD_REQUEST, f"unknown method {method!r}: use one of {', '.join(METHODS)}")
         prompt = request.get("prompt", "")
         if not isinstance(prompt, str):
@@ -180,8 +181,16 @@ class Server:
             kind = next(f.metadata["type"] for f in dataclasses.fields(SamplingConfig) if f.name == name)
             if kind is int and (not isinstance(value, int) or isinstance(value, bool)):
                 raise RequestError(HTTPStatus.BAD_REQUEST, f"{name} must be a whole number, got {value!r}")
-            if kind is float and (not isinstance(value, (int, float)) or isinstance(value, bool)):
-                raise RequestError(HTTPStatus.BAD_REQUEST, f"{name} must be a number, got {value!r}")
+            if kind is float and (not isinstance(value, (int, float)) or isinstance(value, bool)
+                                  or not -1e6 < value < 1e6):
+                raise RequestError(HTTPStatus.BAD_REQUEST, f"{name} must be a number between -1e6 and 1e6, "
+                                                           f"got {value!r}")
+        if abs(settings.get("length_penalty", 0)) > 10:
+            raise RequestError(HTTPStatus.BAD_REQUEST, "length_penalty must be from -10 to 10")
+        if method == "contrastive" and settings["top_k"] > 64:
+            raise RequestError(HTTPStatus.BAD_REQUEST, "contrastive search takes top_k up to 64 here")
+        if 0 < settings.get("temperature", 1.0) < 1e-3:
+            raise RequestError(HTTPStatus.BAD_REQUEST, "temperature must be 0 (greedy) or at least 0.001")
         try:
             sampling = SamplingConfig(**settings)
         except UserError as e:
@@ -266,7 +275,7 @@ class Server:
         return min(self.model.max_context() or self.limits.attention_tokens, self.limits.attention_tokens)
 
     def stop(self, request: dict) -> dict:
-        event = self.running.get(request.get("id"))
+        event = self.running.get(request.get("id")) if isinstance(request.get("id"), str) else None
         if event is None:
             raise RequestError(HTTPStatus.NOT_FOUND, f"no generation {request.get('id')!r} is running")
         event.set()
@@ -280,13 +289,14 @@ class Server:
             raise RequestError(HTTPStatus.BAD_REQUEST, "this is a classifier: it has no generation to look into")
         tokens, query = request.get("tokens"), request.get("query")
         vocab = self.model.config.vocab_size
-        if not isinstance(tokens, list) or not tokens or not all(isinstance(t, int) and 0 <= t < vocab for t in tokens):
+        if not isinstance(tokens, list) or not tokens or not all(
+                isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in tokens):
             raise RequestError(HTTPStatus.BAD_REQUEST, f"tokens must be a non-empty list of ids from 0 to {vocab - 1}")
         if len(tokens) > self.limits.prompt_tokens + self.limits.new_tokens:
             raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"{len(tokens):,} tokens: the limit is "
                                                                      f"{self.limits.prompt_tokens + self.limits.new_tokens:,}")
         query = len(tokens) - 1 if query is None else query
-        if not isinstance(query, int) or not 0 <= query < len(tokens):
+        if not isinstance(query, int) or isinstance(query, bool) or not 0 <= query < len(tokens):
             raise RequestError(HTTPStatus.BAD_REQUEST, f"query must be a token's index, 0 to {len(tokens) - 1}")
         start = max(0, query + 1 - self.window())
         with self.lock, torch.no_grad():
@@ -320,6 +330,7 @@ class Server:
 class Handler(BaseHTTPRequestHandler):
     server_version = "gpt.serve"
     protocol_version = "HTTP/1.0"  # one request per connection: a streamed answer ends when it closes
+    timeout = 60  # seconds a client may keep the server waiting (a slow body, a stream it stopped reading)
     routes = {"/api/generate": "generate", "/api/stop": "stop", "/api/attention": "attention",
               "/api/classify": "classify"}
 
@@ -355,7 +366,7 @@ class Handler(BaseHTTPRequestHandler):
             if action is None:
                 raise RequestError(HTTPStatus.NOT_FOUND, f"no API {self.path}: POST to {', '.join(self.routes)}")
             length = self.headers.get("Content-Length") or "0"
-            if not length.isdigit():
+            if not (length.isascii() and length.isdigit() and len(length) <= 12):
                 raise RequestError(HTTPStatus.BAD_REQUEST, f"Content-Length must be a whole number, got {length!r}")
             length = int(length)
             if length > self.app.limits.body_bytes:
@@ -363,7 +374,7 @@ class Handler(BaseHTTPRequestHandler):
                                    f"the request is {length:,} bytes; the limit is {self.app.limits.body_bytes:,}")
             try:
                 request = json.loads(self.rfile.read(length) or b"{}")
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
                 raise RequestError(HTTPStatus.BAD_REQUEST, f"the body is not JSON: {e}") from None
             if not isinstance(request, dict):
                 raise RequestError(HTTPStatus.BAD_REQUEST, "the body must be a JSON object")
@@ -396,7 +407,12 @@ class Handler(BaseHTTPRequestHandler):
                     self.wfile.flush()
             except UserError as e:  # found once generating (a KV cache larger than the free memory): the last line
                 self.wfile.write(json.dumps({"error": str(e)}).encode() + b"\n")
-        except (BrokenPipeError, ConnectionResetError):
+            except (OSError, ConnectionError):
+                raise
+            except Exception as e:  # a bug: the page says so instead of waiting
+                traceback.print_exc()
+                self.wfile.write(json.dumps({"error": f"internal error: {type(e).__name__}: {e}"}).encode() + b"\n")
+        except (OSError, ConnectionError):
             pass  # the page was closed or the request cancelled
         finally:
             events.close()  # no further step runs

@@ -183,7 +183,10 @@ def test_every_attention_design_can_be_looked_into():
     ({"prompt": "a", "top_k": 4.5}, 400, "top_k must be a whole number"),
     ({"prompt": "a", "seed": 10**30}, 400, "seed must be from 0 to 2**63 - 1"),
     ({"prompt": "a", "max_new_tokens": True}, 400, "max_new_tokens must be a whole number"),
-    ({"prompt": "a", "temperature": float("nan")}, 400, "temperature must be a finite number"),
+    ({"prompt": "a", "temperature": float("nan")}, 400, "temperature must be a number between -1e6 and 1e6"),
+    ({"prompt": "a", "temperature": 10**400}, 400, "temperature must be a number between -1e6 and 1e6"),
+    ({"prompt": "a", "method": "beam", "num_beams": 2, "length_penalty": 1e5}, 400, "length_penalty must be from"),
+    ({"prompt": "a", "method": ["beam"]}, 400, "unknown method"),
     ({"prompt": "日本"}, 400, "2 character(s) not in this char tokenizer's vocabulary"),
     ([1, 2], 400, "the body must be a JSON object"),
 ])
