@@ -432,7 +432,8 @@ def consolidate(path: str | Path, out: str | Path | None = None) -> Path:
         dcp_to_torch_save(shard_dir(path, ckpt), tmp)
         whole = torch.load(tmp, map_location="cpu", weights_only=True)
         rest = {k: v for k, v in ckpt.items() if k != "shards"} | {"format_version": 1}
-        torch.save({**rest, "model": whole["model"], "optimizer": whole["optimizer"]}, tmp)
+        optimizer = whole.get("optimizer", {"state": {}, "param_groups": []})  # none: saved before the first step
+        torch.save({**rest, "model": whole["model"], "optimizer": optimizer}, tmp)
     return out
 
 

@@ -9,8 +9,9 @@ or one of GPT-1's input transformations (gpt/tasks/gpt1.py: entailment, similari
 multiple_choice); its best.pt by default. Each example gets the label (for multiple
 choice: the answer's index) with the highest probability; --input files (CSV, TSV or
 JSON Lines, with the columns of the task's training file, labels not needed) give one
-JSON line per example with every label's probability. Texts as arguments are for
-classification, whose examples are single texts.
+JSON line per example with every label's probability. A model of scores (target =
+"score", e.g. a similarity regression) gives each example its predicted score instead.
+Texts as arguments are for classification, whose examples are single texts.
 """
 
 from __future__ import annotations
@@ -42,19 +43,22 @@ def task_of(ckpt: dict):
 
 
 @torch.no_grad()
-def predict(model: GPTClassifier, tok: Tokenizer, ckpt: dict, examples: list, device, batch_size: int = 64):
-    """[(label, probability of that label, {label: probability})] for each example (for
-    classification: a text)."""
+def predict(model: GPTClassifier, tok: Tokenizer, ckpt: dict, examples: list, device, batch_size: int = 64) -> list[dict]:
+    """For each example (for classification: a text) {"label", "probability" (of that label),
+    "probabilities" ({label: probability})}, or for a model of scores (target = "score") {"score"}."""
     task, settings = task_of(ckpt)
     labels = ckpt["labels"]
     data = ClassificationData([task.encode(e, tok, model.config.block_size, settings) for e in examples], [0] * len(examples))
     results = []
     for start in range(0, len(examples), batch_size):
         idx, mask, _ = to_device(data.batch(range(start, min(start + batch_size, len(examples))), tok.eot_token), device)
-        probs = torch.softmax(model(idx, mask)[0].float(), dim=-1).tolist()
-        for p in probs:
+        logits = model(idx, mask)[0].float()
+        if settings.target == "score":
+            results += [{"score": score} for score in logits[:, 0].tolist()]
+            continue
+        for p in torch.softmax(logits, dim=-1).tolist():
             best = max(range(len(labels)), key=p.__getitem__)
-            results.append((labels[best], p[best], dict(zip(labels, p))))
+            results.append({"label": labels[best], "probability": p[best], "probabilities": dict(zip(labels, p))})
     return results
 
 
@@ -89,8 +93,9 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"{path} is a {ckpt['task']} model: its examples are not single texts; give them "
                         f"as --input=FILE with the columns of its training file")
     if args.texts:
-        for text, (label, prob, _) in zip(args.texts, predict(model, tok, ckpt, args.texts, device, args.batch_size)):
-            print(f"{label}\t{prob:.4f}\t{text}")
+        for text, result in zip(args.texts, predict(model, tok, ckpt, args.texts, device, args.batch_size)):
+            shown = f"{result['score']:.4f}" if "score" in result else f"{result['label']}\t{result['probability']:.4f}"
+            print(f"{shown}\t{text}")
     if args.input:
         if args.text_column:
             settings.text_column = args.text_column
@@ -99,8 +104,8 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError(f"--input has {len(examples[0][1])} answers per question, the model was trained on "
                             f"{len(ckpt['labels'])}: give questions with {len(ckpt['labels'])} answers")
         predictions = predict(model, tok, ckpt, examples, device, args.batch_size)
-        lines = (json.dumps({**task.describe(example, settings), "label": label, "probability": prob,
-                             "probabilities": probs}) + "\n" for example, (label, prob, probs) in zip(examples, predictions))
+        lines = (json.dumps({**task.describe(example, settings), **result}) + "\n"
+                 for example, result in zip(examples, predictions))
         if not args.output:
             sys.stdout.writelines(lines)
             return

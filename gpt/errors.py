@@ -94,6 +94,9 @@ def exit_on_user_error(main: F) -> F:
             message = str(e)
         except UnicodeDecodeError as e:
             message = f"a file is not UTF-8 text ({e.reason} at byte {e.start}): save it as UTF-8"
+        except BrokenPipeError:  # the reader of stdout left (`| head`): stop quietly, as Unix tools do
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+            sys.exit(141)  # 128 + SIGPIPE
         except OSError as e:
             message = describe_os_error(e)
         except KeyboardInterrupt:

@@ -596,10 +596,11 @@ class GPTClassifier(nn.Module):
         "sum"     their final states are added, then the head: (B, n_out) (similarity: both orders)
         "choice"  the head (n_out = 1) scores each sequence: (B, K), a softmax across candidates
                   (multiple choice)
-    Padding may be on either side: attention_mask marks the real tokens, and the result is the
-    same. bidirectional: every real token sees every other (a backbone pretrained as a masked or
-    prefix LM); else causal. lm_loss_weight > 0 adds GPT-1's auxiliary language-modelling loss
-    on the same sequences (causal backbones only).
+    labels: class ids (cross-entropy), or float scores for a head with one output (mean squared
+    error: a regression). Padding may be on either side: attention_mask marks the real tokens,
+    and the result is the same. bidirectional: every real token sees every other (a backbone
+    pretrained as a masked or prefix LM); else causal. lm_loss_weight > 0 adds GPT-1's auxiliary
+    language-modelling loss on the same sequences (causal backbones only).
     """
 
     COMBINE = ("sum", "choice")
@@ -633,7 +634,10 @@ class GPTClassifier(nn.Module):
         logits = self.head(states.sum(1)) if self.combine == "sum" else self.head(states)[..., 0]
         if labels is None:
             return logits, None
-        loss = F.cross_entropy(logits.float(), labels)
+        if labels.is_floating_point():  # scores (n_out = 1): a regression
+            loss = F.mse_loss(logits[:, 0].float(), labels.float())
+        else:
+            loss = F.cross_entropy(logits.float(), labels)
         if lm_loss_weight:
             if self.bidirectional:
                 raise UserError("lm_loss_weight needs a causal backbone: this one sees every token both ways")

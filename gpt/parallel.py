@@ -159,12 +159,21 @@ def load_model_state(model: nn.Module, state: dict) -> None:
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
 
 
+def stepped(optimizers: list[torch.optim.Optimizer]) -> bool:
+    """Whether the optimizers hold state (they have taken a step). Before that there is none to
+    save: PyTorch's state-dict helpers for several optimizers or FSDP would make some by taking a
+    step of learning rate 0, which changes the run (AdamW counts it in its bias correction)."""
+    return any(optimizer.state for optimizer in optimizers)
+
+
 def optimizer_state(model: nn.Module, optimizers: list[torch.optim.Optimizer]) -> dict:
     """The whole optimizer state of an unsharded model, for a checkpoint: one optimizer's
     state_dict as PyTorch writes it; several (Muon and AdamW) merged into one dict keyed by
-    parameter name."""
+    parameter name (empty before the first step)."""
     if len(optimizers) == 1:
         return optimizers[0].state_dict()
+    if not stepped(optimizers):
+        return {"state": {}, "param_groups": []}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     return get_optimizer_state_dict(model, optimizers, options=StateDictOptions(full_state_dict=True))
@@ -172,9 +181,12 @@ def optimizer_state(model: nn.Module, optimizers: list[torch.optim.Optimizer]) -
 
 def load_optimizer_state(model: nn.Module, optimizers: list[torch.optim.Optimizer], state: dict) -> None:
     """Restore a whole optimizer state (each process takes its shard): as PyTorch writes it
-    (keyed by parameter number, as DDP runs save one optimizer) or keyed by parameter name."""
+    (keyed by parameter number, as DDP runs save one optimizer) or keyed by parameter name.
+    An empty one (saved before the first step) leaves the new optimizers as they are."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+    if not state["state"]:  # nothing learned yet; the settings of the param groups come from the config
+        return
     if state["state"] and isinstance(next(iter(state["state"])), int):
         names = {id(p): name for name, p in model.named_parameters()}
         order = [names[id(p)] for group in optimizers[0].param_groups for p in group["params"]]

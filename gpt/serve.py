@@ -320,8 +320,9 @@ class Server:
             raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"the text is longer than "
                                                                      f"{self.limits.prompt_tokens:,} tokens")
         with self.lock:
-            label, _, probs = predict(self.model, self.tok, self.ckpt, [text], self.device)[0]
-        return {"label": label, "labels": self.labels, "probabilities": [probs[k] for k in self.labels]}
+            result = predict(self.model, self.tok, self.ckpt, [text], self.device)[0]
+        return {"label": result["label"], "labels": self.labels,
+                "probabilities": [result["probabilities"][k] for k in self.labels]}
 
 
 # ---- HTTP ------------------------------------------------------------------------------------------
@@ -437,13 +438,16 @@ def load_server(args, device: torch.device, dtype: torch.dtype, limits: Limits) 
     out_dir = args.out_dir or (None if args.init_from else args.model_defaults["out_dir"])
     if not args.init_from and out_dir:
         path = checkpoint_path(out_dir, args.ckpt or args.model_defaults["ckpt"])
-        task = load_checkpoint(path).get("task", "lm")
-        if task == "classify":
+        found = load_checkpoint(path)
+        task = found.get("task", "lm")
+        if task == "classify" and found["classify"].get("target", "label") == "label":
+            del found  # load_model reads it again, onto the device
             model, tok, ckpt = load_model(path, task="classify", device=device)
             return Server(model, tok, device, dtype, limits, labels=ckpt["labels"], ckpt=ckpt, name=str(path))
         if task != "lm":
             raise UserError(f"{path} is a {task} model: the page shows language models and single-text "
-                            f"classifiers; predict with it: python -m gpt.classify --out_dir={out_dir} --input=FILE")
+                            f"classifiers of labels; predict with it: python -m gpt.classify --out_dir={out_dir} "
+                            f"--input=FILE")
     model, tok, _, _ = load_language_model(args, device)
     return Server(model, tok, device, dtype, limits, name=args.init_from or str(path))
 

@@ -41,7 +41,7 @@ from gpt.config import Config, save_config
 from gpt.errors import UserError
 from gpt.optim import lr_at, make_optimizers, set_lr
 from gpt.parallel import (clip_grad_norm, gradient_sync, is_sharded, load_model_state, load_optimizer_state, optimizer_state,
-                          load_sharded_state, parallelize, sharded_state)
+                          load_sharded_state, parallelize, sharded_state, stepped)
 from gpt.system import (all_reduce_sum, autocast, barrier, finish_processes, pick_device, pick_dtype, start_processes,
                         to_device)
 from gpt.tasks import TASKS
@@ -191,7 +191,8 @@ class Trainer:
         """A resumed run: optimiser (and a sharded checkpoint's weights), scaler, the task's data
         position, the loop, the RNGs."""
         if "shards" in ckpt:
-            self._read_shards(ckpt, self.checkpoint_path, self.optimizers)
+            self._read_shards(ckpt, self.checkpoint_path, self.optimizers if ckpt.get("shards_hold_optimizer", True)
+                              else None)
         else:
             load_optimizer_state(self.model, self.optimizers, ckpt["optimizer"])
         if ckpt["scaler"] and self.scaler.is_enabled():  # empty when written without fp16
@@ -399,8 +400,11 @@ class Trainer:
             self.scaler.unscale_(optimizer)
         clip = self.cfg.optim.grad_clip or float("inf")
         grad_norm = clip_grad_norm(self.model, clip)
-        for optimizer in self.optimizers:
-            self.scaler.step(optimizer)  # skips the step if fp16 gradients overflowed
+        # fp16 gradients that overflowed anywhere skip every optimizer's step, and update() lowers the
+        # scale (GradScaler.step alone would decide per optimizer: Muon could step while AdamW skips)
+        if not (self.scaler.is_enabled() and not torch.isfinite(grad_norm).item()):
+            for optimizer in self.optimizers:
+                self.scaler.step(optimizer)
         self.scaler.update()
         self._zero_grad()
 
@@ -485,7 +489,9 @@ class Trainer:
             rngs = [None] * self.procs.world_size
             torch.distributed.all_gather_object(rngs, rng_state())
         if is_sharded(self.model):  # every process writes its shards; the file names their directory
-            weights = {"shards": write_shards(sharded_state(self.model, self.optimizers), self.out_dir, self.state.iter)}
+            optimizers = self.optimizers if stepped(self.optimizers) else None  # none before the first step
+            weights = {"shards": write_shards(sharded_state(self.model, optimizers), self.out_dir, self.state.iter),
+                       "shards_hold_optimizer": optimizers is not None}
         else:
             weights = {"model": self.model.state_dict(), "optimizer": optimizer_state(self.model, self.optimizers)}
         if not self.procs.is_main:

@@ -38,6 +38,11 @@ def args(task, tmp_path, out, *more, n=64):
                       f"--run.out_dir={out}", *TINY, *more])
 
 
+SCORES = ["--similarity.target=score", "--similarity.label_column=closeness"]  # similarity as a regression
+VARIANTS = [("multiple_choice", []), ("entailment", []), ("similarity", []), ("similarity", SCORES)]
+VARIANT_IDS = ["multiple_choice", "entailment", "similarity", "similarity_score"]
+
+
 def losses(out):
     return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
@@ -107,9 +112,9 @@ def test_each_task_trains_and_predicts(task, tmp_path, capsys):
     assert [r[first_field] for r in rows] == [s[first_field] for s in source]
 
 
-@pytest.mark.parametrize("task", ["multiple_choice", "entailment", "similarity"])
-def test_resume_is_bit_exact(task, tmp_path):
-    more = ["--model.dropout=0.1", "--optim.decay_iters=12"]  # the same schedule in both
+@pytest.mark.parametrize("task, variant", VARIANTS, ids=VARIANT_IDS)
+def test_resume_is_bit_exact(task, variant, tmp_path):
+    more = ["--model.dropout=0.1", "--optim.decay_iters=12", *variant]  # the same schedule in both
     train.main(args(task, tmp_path, tmp_path / "whole", "--run.max_iters=12", *more))
     train.main(args(task, tmp_path, tmp_path / "parts", "--run.max_iters=5", *more))
     train.main(args(task, tmp_path, tmp_path / "parts", "--run.max_iters=12", "--resume", *more))
@@ -141,9 +146,9 @@ def test_fine_tuning_a_masked_lm_reads_both_ways(tmp_path, char_data):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("task", ["multiple_choice", "entailment", "similarity"])
-def test_two_processes_equal_one(task, tmp_path):
-    more = ["--run.max_iters=4", "--batch.batch_size=4", f"--{task}.head_dropout=0"]  # no per-process dropout
+@pytest.mark.parametrize("task, variant", VARIANTS, ids=VARIANT_IDS)
+def test_two_processes_equal_one(task, variant, tmp_path):
+    more = ["--run.max_iters=4", "--batch.batch_size=4", f"--{task}.head_dropout=0", *variant]  # no per-process dropout
     one = run_cli("train.py", *args(task, tmp_path, tmp_path / "one", *more, "--batch.grad_accum=2"))
     assert one.returncode == 0, one.stderr
     two = run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
@@ -151,6 +156,10 @@ def test_two_processes_equal_one(task, tmp_path):
     assert two.returncode == 0, f"exit {two.returncode}\n{two.stdout[-2000:]}\n{two.stderr[-6000:]}"
     l1, l2 = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(l1) == len(l2) == 4 and l1 == pytest.approx(l2, abs=1e-5)
+    e1, e2 = (evaluations(tmp_path / run)[-1] for run in ("one", "two"))  # each process scored half the rows
+    assert e1.keys() == e2.keys()
+    for k in e1.keys() - {"time", "elapsed"}:
+        assert e1[k] == (pytest.approx(e2[k], abs=1e-5) if isinstance(e1[k], (float, dict)) else e2[k]), k
     w1, w2 = (load_checkpoint(tmp_path / run / "ckpt.pt")["model"] for run in ("one", "two"))
     # Parameters the loss cannot see have a gradient of zero up to rounding, which Adam turns into steps of
     # any sign: for multiple choice the final norm's bias shifts every answer's score alike (the softmax
@@ -158,6 +167,59 @@ def test_two_processes_equal_one(task, tmp_path):
     unseen = {"backbone.transformer.ln_f.bias"} if task == "multiple_choice" else set()
     for name in w1.keys() - unseen:
         torch.testing.assert_close(w1[name], w2[name], rtol=0, atol=5e-5)
+
+
+def evaluations(out):
+    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "val_loss" in r]
+
+
+def test_similarity_of_scores_is_a_regression_scored_by_pearson_and_spearman(tmp_path, capsys):
+    out = tmp_path / "run"
+    train.main(args("similarity", tmp_path, out, "--run.max_iters=60", *SCORES, n=16))
+    printed = capsys.readouterr().out
+    assert "scores 0 to 1" in printed and "best pearson" in printed
+    loss = losses(out)
+    assert sum(loss[-5:]) / 5 < sum(loss[:5]) / 5
+    ckpt = load_checkpoint(out / "ckpt.pt")
+    assert ckpt["labels"] == ["score"] and ckpt["model"]["head.weight"].shape[0] == 1
+    # the last evaluation against one computed here from gpt.classify's predictions of the same checkpoint
+    last = evaluations(out)[-1]
+    assert last["iter"] == ckpt["iter"] == 60
+    predictions = tmp_path / "p.jsonl"
+    classify([f"--out_dir={out}", "--ckpt=ckpt.pt", f"--input={head('similarity', 'val', 16, tmp_path)}",
+              f"--output={predictions}"])
+    rows = [json.loads(line) for line in predictions.read_text().splitlines()]
+    predicted = [r["score"] for r in rows]
+    true = [r["closeness"] for r in map(json.loads, head("similarity", "val", 16, tmp_path).read_text().splitlines())]
+    assert "label" not in rows[0] and len(set(true)) > 2
+
+    def mean_ranks(xs):  # ties share the mean of the places they take
+        return [sum(y < x for y in xs) + (sum(y == x for y in xs) - 1) / 2 for x in xs]
+
+    def pearson(a, b):
+        a, b = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+        return float(torch.corrcoef(torch.stack([a, b]))[0, 1])
+
+    assert last["val_loss"] == pytest.approx(sum((p - t) ** 2 for p, t in zip(predicted, true)) / 16, abs=1e-5)
+    assert last["pearson"] == pytest.approx(pearson(predicted, true), abs=1e-5)
+    assert last["spearman"] == pytest.approx(pearson(mean_ranks(predicted), mean_ranks(true)), abs=1e-5)
+
+
+@pytest.mark.parametrize("more, message", [
+    (["--similarity.target=score"], "the train data has the label 'different', which is not a number"),
+    ([*SCORES, "--similarity.best_metric=accuracy"],
+     "similarity.best_metric must be one of val_loss, pearson, spearman with target = 'score', got 'accuracy'"),
+    (["--similarity.best_metric=spearman"],
+     "similarity.best_metric must be one of val_loss, accuracy, macro_f1 with target = 'label', got 'spearman'"),
+    (["--similarity.target=number"], 'target must be "label" or "score"'),
+])
+def test_bad_score_settings_are_one_line(tmp_path, capsys, more, message):
+    fails_with(capsys, args("similarity", tmp_path, tmp_path / "o", *more), message)
+
+
+def test_multiple_choice_has_no_scores(tmp_path, capsys):
+    fails_with(capsys, args("multiple_choice", tmp_path, tmp_path / "o", "--multiple_choice.target=score"),
+               "multiple_choice.target must be \"label\" (the right answer's index)")
 
 
 # ---- bad input ----------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import torch
 
 from gpt import GPT, GPTConfig, UserError
 from gpt.hf import from_pretrained, load_pretrained, save_pretrained
-from gpt.tokenizer import from_spec, get_tokenizer
+from gpt.tokenizer import from_spec, get_tokenizer, with_added
 
 transformers = pytest.importorskip("transformers")
 
@@ -111,6 +111,17 @@ def test_our_tokenizer_is_recorded_beside_the_weights(tmp_path):
     assert not (tmp_path / "gpt_tokenizer.json").exists() and load_pretrained(tmp_path)[1] is None
     with pytest.raises(UserError, match="the tokenizer has 50,257 token ids but the model 21"):
         save_pretrained(ours, tmp_path, get_tokenizer("gpt2"))
+
+
+def test_a_masked_lm_is_not_exported_as_a_left_to_right_gpt2(tmp_path):
+    masked = with_added(get_tokenizer("char", text="ROMEO: But soft\n"), ["mask"])
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=masked.vocab_size, n_layer=1, n_head=2, n_embd=16))
+    for how in ({"tokenizer": masked}, {"objective": "mlm"}):
+        with pytest.raises(UserError, match="a masked LM reads every token both ways"):
+            save_pretrained(model, tmp_path / "hf", **how)
+    assert not (tmp_path / "hf").exists()
+    save_pretrained(model, tmp_path / "hf", objective="prefix")  # read left to right, a prefix LM is a causal LM
 
 
 # ---- bad input -----------------------------------------------------------------------

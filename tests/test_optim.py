@@ -9,6 +9,7 @@ import torch
 
 import train
 from gpt import GPT, GPTConfig
+from gpt.checkpoint import load_checkpoint
 from gpt.classify import GPTClassifier
 from gpt.config import OptimConfig
 from gpt.optim import lr_at, make_optimizers, muon_matrices, set_lr
@@ -118,6 +119,39 @@ def test_muon_trains_and_resumes_bit_exact(data_dir, tmp_path):
     train.main(args(data_dir, tmp_path / "parts", MUON, "--max_iters=12", "--resume", *more))
     whole, parts = step_losses(tmp_path / "whole"), step_losses(tmp_path / "parts")
     assert whole == parts and whole[12] < whole[1] - 0.5  # the momentum buffers came back with the checkpoint
+    for name, tensor in weights(tmp_path / "whole").items():
+        assert torch.equal(tensor, weights(tmp_path / "parts")[name]), name
+
+
+def test_an_fp16_overflow_in_adamws_gradients_skips_muons_step_too(data_dir, tmp_path, monkeypatch):
+    from gpt.tasks.lm import LanguageModeling
+
+    train.main(args(data_dir, tmp_path / "start", MUON, "--max_iters=0", "--system.dtype=float16"))
+    plain_loss = LanguageModeling.loss
+
+    def overflowing(self, model, batch):  # an infinite gradient in the token embeddings only (AdamW's)
+        return plain_loss(self, model, batch) + model.transformer.wte.weight[0, 0] * float("inf")
+
+    monkeypatch.setattr(LanguageModeling, "loss", overflowing)
+    train.main(args(data_dir, tmp_path / "run", MUON, "--max_iters=2", "--system.dtype=float16"))
+    start, after = weights(tmp_path / "start"), weights(tmp_path / "run")
+    assert any(n.endswith("attn.c_attn.weight") for n in after)  # Muon's matrices are among them
+    for name, tensor in after.items():
+        assert torch.equal(tensor, start[name]), name  # no optimizer stepped
+    scaler = load_checkpoint(tmp_path / "run" / "ckpt.pt")["scaler"]
+    assert scaler["scale"] == 2.0**16 / 4  # halved after each of the two overflows
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_a_checkpoint_before_the_first_step_resumes_like_an_unbroken_run(optimizer, data_dir, tmp_path):
+    """Nothing to save yet: PyTorch's state-dict helpers would make optimizer state by taking a step
+    of learning rate 0 (Muon + AdamW), which AdamW counts: the resumed run would differ."""
+    more = [f"--optim.name={optimizer}", "--model.dropout=0.1"]
+    train.main(args(data_dir, tmp_path / "whole", "--max_iters=4", *more))
+    train.main(args(data_dir, tmp_path / "parts", "--max_iters=0", *more))
+    assert not load_checkpoint(tmp_path / "parts" / "ckpt.pt")["optimizer"]["state"]
+    train.main(args(data_dir, tmp_path / "parts", "--max_iters=4", "--resume", *more))
+    assert step_losses(tmp_path / "whole") == step_losses(tmp_path / "parts")
     for name, tensor in weights(tmp_path / "whole").items():
         assert torch.equal(tensor, weights(tmp_path / "parts")[name]), name
 

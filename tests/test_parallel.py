@@ -81,6 +81,17 @@ def test_fsdp_with_architecture_switches_and_activation_checkpointing_resumes_a_
 
 
 @pytest.mark.slow
+def test_an_fsdp_checkpoint_before_the_first_step_resumes_like_an_unbroken_run(data_dir, tmp_path):
+    train_cli(*args(data_dir, tmp_path / "whole", "--max_iters=3", *STEPS, FSDP))
+    train_cli(*args(data_dir, tmp_path / "parts", "--max_iters=0", *STEPS, FSDP))
+    assert load_checkpoint(tmp_path / "parts" / "ckpt.pt")["shards_hold_optimizer"] is False
+    train_cli(*args(data_dir, tmp_path / "parts", "--max_iters=3", *STEPS, FSDP, "--resume"))
+    assert step_losses(tmp_path / "whole") == step_losses(tmp_path / "parts")
+    for name, tensor in weights(tmp_path / "whole").items():
+        assert torch.equal(tensor, weights(tmp_path / "parts")[name]), name
+
+
+@pytest.mark.slow
 def test_fsdp_resumes_exactly_and_on_one_process(data_dir, tmp_path, capsys):
     dropout = "--model.dropout=0.1"
     train_cli(*args(data_dir, tmp_path / "whole", "--max_iters=10", *STEPS, FSDP, dropout), procs=2)

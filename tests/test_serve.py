@@ -19,6 +19,7 @@ import sample
 import train
 from gpt import GPT, GPTConfig
 from gpt.checkpoint import load_language_model
+from gpt.errors import UserError
 from gpt.sampling import SamplingConfig, generate, steps
 from gpt.serve import Limits, Server, load_server, make_server
 from gpt.tokenizer import CharTokenizer
@@ -274,13 +275,18 @@ def test_a_classifier_checkpoint_shows_its_labels(tmp_path):
     running = Running(app)
     try:
         status, answer = running.post("/api/classify", {"text": "WINNER!! Claim your prize now"})
-        label, _, probs = predict(app.model, app.tok, app.ckpt, ["WINNER!! Claim your prize now"], "cpu")[0]
+        result = predict(app.model, app.tok, app.ckpt, ["WINNER!! Claim your prize now"], "cpu")[0]
+        label, probs = result["label"], result["probabilities"]
         assert status == 200 and answer["label"] == label and answer["labels"] == list(probs)
         assert answer["probabilities"] == pytest.approx(list(probs.values()))
         assert json.loads(running.get("/api/info")[1])["kind"] == "classifier"
         assert running.post("/api/generate", {"prompt": "a"})[0] == 400
     finally:
         running.close()
+    # a classifier of scores (a regression) has no labels to show: one line naming gpt.classify
+    train.main(classify_args(sms_slice(tmp_path, 200), tmp_path / "reg", "--max_iters=1", "--classify.target=score"))
+    with pytest.raises(UserError, match="the page shows language models and single-text classifiers of labels"):
+        load_server(model_args(tmp_path / "reg"), torch.device("cpu"), torch.float32, Limits())
 
 
 def test_the_command_line_serves_warns_off_localhost_and_names_a_busy_port(run_dir):

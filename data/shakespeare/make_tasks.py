@@ -18,8 +18,11 @@ the next blank line; stage directions in brackets are dropped. From the speeches
     follows_*.jsonl      entailment-style pairs {"premise", "hypothesis", "label"}: "next" when
                          the hypothesis is the line after the premise in the same speech,
                          "other" when it is a line of similar length from another speech (half each).
-    same_speech_*.jsonl  similarity pairs {"text_a", "text_b", "label"}: "same" when the two
-                         lines belong to one speech, "different" otherwise (half each).
+    same_speech_*.jsonl  similarity pairs {"text_a", "text_b", "label", "closeness"}: label "same"
+                         when the two lines belong to one speech, "different" otherwise (half
+                         each); closeness, a score for similarity.target = "score", is 1 / how
+                         many lines apart they stand in their speech (1 for neighbours), 0 for
+                         lines of different speeches.
 
 Each is split into train / val / test by speech: every line of an item (the distractors too)
 comes from the speeches of its split, so no line appears in two splits.
@@ -125,7 +128,9 @@ def main() -> None:
                 if together and not partners:
                     continue
                 text_b = rng.choice(partners) if together else rng.choice([p for p in pool if p not in lines])
-                same.append({"text_a": lines[i], "text_b": text_b, "label": "same" if together else "different"})
+                apart = min(abs(j - i) for j, line in enumerate(lines) if line == text_b) if together else 0
+                same.append({"text_a": lines[i], "text_b": text_b, "label": "same" if together else "different",
+                             "closeness": round(1 / apart, 4) if together else 0.0})
         for name, items in (("next_line", next_line), ("follows", follows), ("same_speech", same)):
             rng.shuffle(items)
             path = out / f"{name}_{split}.jsonl"

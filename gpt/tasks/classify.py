@@ -18,6 +18,7 @@ they override.
 from __future__ import annotations
 
 import csv
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -34,7 +35,8 @@ from gpt.system import Processes, to_device
 from gpt.tokenizer import Tokenizer, get_tokenizer
 
 
-BEST_METRICS = ("val_loss", "accuracy", "macro_f1")
+LABEL_METRICS, SCORE_METRICS = ("accuracy", "macro_f1"), ("pearson", "spearman")
+BEST_METRICS = ("val_loss", *LABEL_METRICS, *SCORE_METRICS)
 
 
 @dataclass
@@ -46,20 +48,28 @@ class LabeledConfig:
     test_file: str = ""  # optional: evaluated with the best checkpoint at the end
     val_fraction: float = 0.1
     label_column: str = "label"
+    target: str = "label"  # "label": classes; "score": a number to predict (STS-B's similarity), a regression
     truncate: str = "head"  # texts longer than block_size keep their "head" or their "tail"
     tokenizer: str = "gpt2"  # from scratch only; a pretrained backbone brings its own
     scratch_if_missing: bool = False  # run.init_from names a checkpoint that does not exist: train from scratch
     freeze_backbone: bool = False  # train the head only
     head_dropout: float = 0.1
     lm_loss_weight: float = 0.0  # auxiliary language-modelling loss (GPT-1 used 0.5)
-    best_metric: str = "macro_f1"  # val_loss | accuracy | macro_f1: chooses best.pt
+    # chooses best.pt: val_loss | accuracy | macro_f1 (labels) | pearson | spearman (scores); "": macro_f1 or pearson
+    best_metric: str = ""
 
     def __post_init__(self):
         require(0 <= self.val_fraction < 1, "val_fraction", "in [0, 1)", self.val_fraction)
         require(self.truncate in ("head", "tail"), "truncate", '"head" or "tail"', self.truncate)
+        require(self.target in ("label", "score"), "target", '"label" or "score"', self.target)
         require(0 <= self.head_dropout < 1, "head_dropout", "in [0, 1)", self.head_dropout)
         require(self.lm_loss_weight >= 0, "lm_loss_weight", "non-negative", self.lm_loss_weight)
+        if not self.best_metric:
+            self.best_metric = "pearson" if self.target == "score" else "macro_f1"
         require(self.best_metric in BEST_METRICS, "best_metric", f"one of {', '.join(BEST_METRICS)}", self.best_metric)
+        own = ("val_loss", *(SCORE_METRICS if self.target == "score" else LABEL_METRICS))
+        require(self.best_metric in own, "best_metric", f"one of {', '.join(own)} with target = {self.target!r}",
+                self.best_metric)
 
 
 @dataclass
@@ -156,6 +166,37 @@ def label_order(labels) -> list[str]:
     return sorted(distinct, key=int if numeric else str)
 
 
+def as_scores(labels: list[str], split: str, task: str) -> list[float]:
+    """The labels of a split as numbers (target = "score"); one that is not a number is refused."""
+    scores = []
+    for label in labels:
+        try:
+            scores.append(float(label))
+        except ValueError:
+            scores.append(float("nan"))
+        if not math.isfinite(scores[-1]):
+            raise UserError(f"the {split} data has the label {excerpt(label)!r}, which is not a number: with "
+                            f'{task}.target = "score" every label is one (or set {task}.target = "label")')
+    return scores
+
+
+def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Pearson's correlation of two vectors; 0 when either is constant (no linear relation to measure)."""
+    x, y = x - x.mean(), y - y.mean()
+    norm = (x.norm() * y.norm()).item()
+    return (x @ y).item() / norm if norm > 0 else 0.0
+
+
+def ranks(x: torch.Tensor) -> torch.Tensor:
+    """The rank of each element (0 = smallest), ties sharing their mean rank: Pearson's r of the
+    ranks is Spearman's rho."""
+    rank = torch.empty_like(x)
+    rank[x.argsort()] = torch.arange(len(x), dtype=x.dtype)
+    _, group = torch.unique(x, return_inverse=True)
+    mean = torch.zeros(int(group.max()) + 1, dtype=x.dtype).index_add_(0, group, rank)
+    return (mean / torch.bincount(group).to(x.dtype))[group]
+
+
 def stratified_split(labels: list[str], fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Row indices (train, val): `fraction` of each label's rows, chosen from `seed`, go to val."""
     rng = np.random.default_rng(seed)
@@ -175,16 +216,16 @@ class ClassificationData:
     """Each example's token sequences (one, or K for GPT-1's transformations) and label ids;
     batches padded to their longest sequence."""
 
-    def __init__(self, sequences: list[list[list[int]]], label_ids: list[int]):
+    def __init__(self, sequences: list[list[list[int]]], targets: list[int] | list[float]):
         self.sequences = sequences
-        self.labels = torch.tensor(label_ids, dtype=torch.long)
+        self.labels = torch.tensor(targets)  # label ids (int64), or scores (float32)
 
     def __len__(self) -> int:
         return len(self.sequences)
 
     def batch(self, indices, pad_id: int = 0, left: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(idx, attention_mask, labels) for rows `indices`: ids and 1/0 mask of shape (B, longest),
-        or (B, K, longest) when the examples have K sequences each; (B,) labels."""
+        or (B, K, longest) when the examples have K sequences each; (B,) label ids or scores."""
         rows = [self.sequences[i] for i in indices]
         idx, mask = pad_sequences([seq for row in rows for seq in row], pad_id, left=left)
         if len(rows[0]) > 1:
@@ -237,6 +278,7 @@ class Classification:
         task = cfg.run.task
         c = getattr(cfg, task)
         self.cfg, self.settings, self.procs = cfg, c, procs
+        self.scores = c.target == "score"  # a regression: one number per example, not a label
         self.best_metric, self.higher_is_better = c.best_metric, c.best_metric != "val_loss"
         if not c.train_file:
             raise UserError(f'run.task = "{task}" needs {task}.train_file (a CSV, TSV or JSONL file)')
@@ -245,27 +287,36 @@ class Classification:
             val_examples, val_labels, skipped_val = self.read(c.val_file, c, f"{task}.val_file")
             skipped += skipped_val
         else:
-            train_rows, val_rows = stratified_split(labels, c.val_fraction, cfg.run.seed)
+            strata = ["score"] * len(labels) if self.scores else labels  # scores: a plain random split
+            train_rows, val_rows = stratified_split(strata, c.val_fraction, cfg.run.seed)
             if not val_rows:
                 raise UserError(f"no validation data: set {task}.val_file or a {task}.val_fraction above 0")
             val_examples, val_labels = [examples[i] for i in val_rows], [labels[i] for i in val_rows]
             examples, labels = [examples[i] for i in train_rows], [labels[i] for i in train_rows]
-        self.labels = self.label_names(examples, labels)
-        if len(self.labels) < 2:
-            raise UserError(f"{c.train_file} has a single label ({self.labels[0]!r}): classification needs two or more")
         self.raw = {"train": (examples, labels), "val": (val_examples, val_labels)}
         if c.test_file:
             test_examples, test_labels, skipped_test = self.read(c.test_file, c, f"{task}.test_file")
             self.raw["test"] = (test_examples, test_labels)
             skipped += skipped_test
-        for split, (_, split_labels) in self.raw.items():
-            unseen = sorted(set(split_labels) - set(self.labels))
-            if unseen:
-                raise UserError(f"the {split} data has label(s) never seen in training: {', '.join(map(repr, unseen))}: "
-                                f"add training examples or remove those rows")
+        if self.scores:
+            self.labels = ["score"]  # the head's one output
+            self.raw = {split: (split_examples, as_scores(split_labels, split, task))
+                        for split, (split_examples, split_labels) in self.raw.items()}
+            labels = self.raw["train"][1]
+            counts = f"scores {min(labels):g} to {max(labels):g}, mean {sum(labels) / len(labels):.3g}"
+        else:
+            self.labels = self.label_names(examples, labels)
+            if len(self.labels) < 2:
+                raise UserError(f"{c.train_file} has a single label ({self.labels[0]!r}): classification needs two or "
+                                f"more (or {task}.target = \"score\" for numbers)")
+            for split, (_, split_labels) in self.raw.items():
+                unseen = sorted(set(split_labels) - set(self.labels))
+                if unseen:
+                    raise UserError(f"the {split} data has label(s) never seen in training: "
+                                    f"{', '.join(map(repr, unseen))}: add training examples or remove those rows")
+            counts = ", ".join(f"{lab} {labels.count(lab)}" for lab in self.labels)
         self.eval_splits, self.final_splits = ("val",), ("test",) if c.test_file else ()
-        procs.note(f"{task}: {len(examples)} training {self.noun} "
-                   f"({', '.join(f'{lab} {labels.count(lab)}' for lab in self.labels)}), {len(val_examples)} validation"
+        procs.note(f"{task}: {len(examples)} training {self.noun} ({counts}), {len(val_examples)} validation"
                    + (f", {len(self.raw['test'][0])} test" if c.test_file else "")
                    + (f"; skipped {skipped} row(s) with empty text" if skipped else ""))
 
@@ -297,8 +348,9 @@ class Classification:
 
         self.batch_size, T = cfg.batch.batch_size, backbone.config.block_size
         ids = {lab: i for i, lab in enumerate(self.labels)}
+        target = (lambda score: score) if self.scores else ids.__getitem__  # noqa: E731
         self.data = {split: ClassificationData([self.encode(e, self.tokenizer, T, c) for e in examples],
-                                               [ids[lab] for lab in labels])
+                                               [target(lab) for lab in labels])
                      for split, (examples, labels) in self.raw.items()}
         p = self.procs
         self.sampler = WindowSampler(len(self.data["train"]), self.batch_size, seed=cfg.run.seed,
@@ -329,10 +381,16 @@ class Classification:
 
     @torch.no_grad()
     def evaluate(self, model, split: str, device, each_batch: Callable) -> dict[str, torch.Tensor]:
-        """Summed loss and the confusion matrix over this process's share of a split."""
+        """Over this process's share of a split: the summed loss, and the confusion matrix (labels)
+        or the predicted scores in their rows' places, zero elsewhere (scores: the sum over the
+        processes is every prediction)."""
         data, n = self.data[split], len(self.labels)
         mine = list(range(self.procs.rank, len(data), self.procs.world_size))
-        loss, confusion = torch.zeros((), device=device), torch.zeros(n * n, device=device)
+        sums = {"loss": torch.zeros((), device=device)}
+        if self.scores:
+            sums["predicted"] = torch.zeros(len(data), device=device)
+        else:
+            sums["confusion"] = torch.zeros(n * n, device=device)
         share = -(-len(data) // self.procs.world_size)  # the largest share: every process runs as many batches
         for start in range(0, share, self.batch_size):  # (under FSDP the processes run each forward together)
             chunk = mine[start : start + self.batch_size]
@@ -340,9 +398,12 @@ class Classification:
             with each_batch():
                 logits, batch_loss = model(idx, mask, labels)
             if chunk:  # else a stand-in batch, not counted
-                loss += batch_loss.float() * len(labels)
-                confusion += torch.bincount(labels * n + logits.argmax(-1), minlength=n * n).float()
-        return {"loss": loss, "confusion": confusion}
+                sums["loss"] += batch_loss.float() * len(labels)
+                if self.scores:
+                    sums["predicted"][torch.as_tensor(chunk, device=device)] = logits[:, 0].float()
+                else:
+                    sums["confusion"] += torch.bincount(labels * n + logits.argmax(-1), minlength=n * n).float()
+        return sums
 
     def summarize(self, sums: dict[str, dict[str, torch.Tensor]]) -> tuple[dict, str]:
         metrics, lines = {}, []
@@ -353,6 +414,12 @@ class Classification:
         return metrics, "\n".join(lines)
 
     def _summarize_split(self, split: str, sums: dict[str, torch.Tensor]) -> tuple[dict, list[str]]:
+        key = (lambda name: name) if split == "val" else (lambda name: f"{split}_{name}")  # noqa: E731
+        if self.scores:
+            predicted, true = sums["predicted"].double().cpu(), self.data[split].labels.double()
+            loss, r, rho = sums["loss"].item() / len(true), pearson(predicted, true), pearson(ranks(predicted), ranks(true))
+            return ({f"{split}_loss": loss, key("pearson"): r, key("spearman"): rho},
+                    [f"{split} loss (mean squared error) {loss:.4f}, Pearson {r:.4f}, Spearman {rho:.4f}"])
         n = len(self.labels)
         confusion = sums["confusion"].view(n, n).long()  # rows: true label, columns: predicted
         tp = confusion.diag().double()
@@ -361,7 +428,6 @@ class Classification:
         f1 = [2 * p * r / (p + r) if p + r else 0.0 for p, r in zip(precision, recall)]
         total = confusion.sum().item()
         loss, accuracy, macro_f1 = sums["loss"].item() / total, tp.sum().item() / total, sum(f1) / n
-        key = (lambda name: name) if split == "val" else (lambda name: f"{split}_{name}")
         metrics = {f"{split}_loss": loss, key("accuracy"): accuracy, key("macro_f1"): macro_f1,
                    key("precision"): dict(zip(self.labels, precision)), key("recall"): dict(zip(self.labels, recall)),
                    key("confusion"): confusion.tolist()}

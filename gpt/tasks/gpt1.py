@@ -6,8 +6,8 @@ added tokens with learned embeddings: start <s>, delimiter $ and extract <e>. Th
 linear head reads the final hidden state of the extract token (the last one):
 
     entailment        <s> premise $ hypothesis <e>                  -> a label
-    similarity        <s> a $ b <e>  and  <s> b $ a <e>             -> their final states added -> a label
-                      (a pair has no natural order, so both are read)
+    similarity        <s> a $ b <e>  and  <s> b $ a <e>             -> their final states added -> a label,
+                      (a pair has no natural order, so both are read)  or a score (target = "score")
     multiple_choice   <s> context $ answer_i <e>  for each answer    -> one score each, a softmax
                       across the answers; the label is the right answer's index (0, 1, ...)
 
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gpt.errors import UserError
+from gpt.errors import UserError, require
 from gpt.tasks.classify import Classification, LabeledConfig, excerpt, filled, read_rows, require_columns, row_label
 from gpt.tokenizer import Tokenizer
 
@@ -134,6 +134,10 @@ class MultipleChoiceConfig(LabeledConfig):
     choices_column: str = "endings"  # a JSON list, or numbered columns endings0, endings1, ...
     truncate: str = "tail"  # a long context keeps its end, next to the answers
     best_metric: str = "accuracy"
+
+    def __post_init__(self):
+        require(self.target == "label", "target", '"label" (the right answer\'s index)', self.target)
+        super().__post_init__()
 
 
 class MultipleChoice(Classification):
