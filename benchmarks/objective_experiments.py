@@ -15,8 +15,8 @@ and a model from scratch fine-tuned on the SMS Spam Collection (classify, 300 st
 messages, validation macro-F1) and on the shipped next-line multiple choice (multiple_choice,
 300 steps of 16 questions, test accuracy); and a sample from the GPT (the only one that can).
 
-shots: the Quickstart model (char) and a larger char model (6 x 192, block 256, 2000 steps of
-16 x 256) on the next-line test set: zero-shot and 1-, 3- and 5-shot by likelihood (acc and
+shots: the Quickstart model (char; its AdamW recipe, and the Muon one of configs/shakespeare_char.toml)
+and a larger char model (AdamW, 6 x 192, block 256, 2000 steps of 16 x 256) on the next-line test set: zero-shot and 1-, 3- and 5-shot by likelihood (acc and
 acc_norm; shots drawn from the train split), the zero-shot score with the context removed (what
 the endings alone give), and each model fine-tuned on the train split (multiple_choice, as above),
 beside the Quickstart shape fine-tuned from scratch.
@@ -32,7 +32,7 @@ import json
 import subprocess
 import sys
 
-from architecture_experiments import OUT, ROOT, train  # also puts the project on sys.path
+from architecture_experiments import CONFIG, OUT, ROOT, train  # also puts the project on sys.path
 
 from gpt.checkpoint import load_model  # noqa: E402
 from gpt.config import tomllib  # noqa: E402 (tomli before Python 3.11)
@@ -41,6 +41,7 @@ from gpt.downstream import evaluate_choices, read_choices  # noqa: E402
 from gpt.evaluate import evaluate_tokens  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
+MUON_CONFIG = ROOT / "configs" / "shakespeare_char.toml"  # the Quickstart since Muon; CONFIG is its AdamW recipe
 TASKS = ROOT / "data" / "shakespeare" / "tasks"
 BYTES = ["--data.dir=data/shakespeare/byte"]
 LARGE = ["--model.n_layer=6", "--model.n_head=6", "--model.n_embd=192", "--model.block_size=256", "--optim.lr=2e-3",
@@ -54,7 +55,7 @@ CHOICE = ["--run.task=multiple_choice", f"--multiple_choice.train_file={TASKS / 
           f"--multiple_choice.test_file={TASKS / 'next_line_test.jsonl'}", "--batch.batch_size=16", *FINE_TUNE]
 
 
-def run(name: str, overrides: list[str], reuse: bool) -> dict:
+def run(name: str, overrides: list[str], reuse: bool, config=CONFIG) -> dict:
     """train.py NAME, or with reuse the finished run already in out/experiments/NAME."""
     metrics = OUT / name / "metrics.jsonl"
     if reuse and (OUT / name / "config.toml").exists() and metrics.exists():
@@ -63,7 +64,7 @@ def run(name: str, overrides: list[str], reuse: bool) -> dict:
         if records and max(r["iter"] for r in records) == planned:  # finished, not stopped on the way
             print(f"== {name}: reused", flush=True)
             return {"name": name, "overrides": overrides, "reused": True, "records": records}
-    result = train(name, overrides, None)
+    result = train(name, overrides, None, config=config)
     result["records"] = [json.loads(line) for line in metrics.read_text().splitlines()]
     return result
 
@@ -103,8 +104,8 @@ def shots(args) -> dict:
     questions = read_choices(TASKS / "next_line_test.jsonl", "test")
     pool = read_choices(TASKS / "next_line_train.jsonl", "train")
     rows = {}
-    for name, shape in (("quickstart", []), ("large", LARGE)):
-        pre = run(f"shots_{name}", shape, args.reuse)
+    for name, shape, config in (("quickstart", [], CONFIG), ("quickstart_muon", [], MUON_CONFIG), ("large", LARGE, CONFIG)):
+        pre = run(f"shots_{name}", shape, args.reuse, config)
         model, tok, _ = load_model(OUT / pre["name"] / "best.pt")
         row = {"val_loss": min(r["val_loss"] for r in pre["records"] if "val_loss" in r),
                "params": sum(p.numel() for p in model.parameters())}
@@ -116,7 +117,7 @@ def shots(args) -> dict:
         shape_only = [o for o in shape if o.startswith("--model.")]
         tuned = run(f"shots_tuned_{name}", [*CHOICE, f"--run.init_from={OUT / pre['name']}", *shape_only], args.reuse)
         row["fine_tuned_test_accuracy"] = last(tuned["records"], "test_accuracy")
-        if name == "quickstart":  # the baseline; the large shape from scratch is left out (~20 min more)
+        if name == "quickstart":  # the baseline (fine-tuning is the same AdamW recipe for every row); the large shape from scratch is left out (~20 min more)
             scratch = run(f"shots_scratch_{name}", [*CHOICE, "--multiple_choice.tokenizer=char"], args.reuse)
             row["scratch_test_accuracy"] = last(scratch["records"], "test_accuracy")
         rows[name] = row

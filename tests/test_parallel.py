@@ -63,7 +63,7 @@ def test_fsdp_equals_ddp_equals_one_process_with_accumulation_and_clipping(data_
     assert "(ddp)" in ddp.stdout and "(fsdp)" in fsdp.stdout
     assert_same_run(tmp_path / "one", tmp_path / "ddp", atol=1e-5)
     assert_same_run(tmp_path / "one", tmp_path / "fsdp", atol=1e-5)
-    single = train_cli(*args(data_dir, tmp_path / "single", "--max_iters=6", *STEPS, FSDP))  # FSDP, one process
+    train_cli(*args(data_dir, tmp_path / "single", "--max_iters=6", *STEPS, FSDP))  # FSDP, one process
     assert_same_run(tmp_path / "one", tmp_path / "single", atol=1e-5)
 
 

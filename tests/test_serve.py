@@ -10,7 +10,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +17,6 @@ import torch
 import sample
 import train
 from gpt import GPT, GPTConfig
-from gpt.checkpoint import load_language_model
 from gpt.errors import UserError
 from gpt.sampling import SamplingConfig, generate, steps
 from gpt.serve import Limits, Server, load_server, make_server

@@ -7,7 +7,9 @@ of texts and labels; the network is a GPT backbone (from run.init_from: our
 language model, a Hugging Face GPT-2, or scratch) with a linear head on the
 final hidden state of each text's last token (gpt.model.GPTClassifier).
 Evaluation reports loss, accuracy, macro-F1, per-class precision, recall and F1
-and the confusion matrix; a test file is evaluated with best.pt at the end.
+and the confusion matrix; a test file is evaluated with best.pt at the end. With
+target = "score" the labels are numbers and the task is a regression (a head of one
+output, mean squared error), evaluated by Pearson's and Spearman's correlations.
 
 Labelling new texts with the result: python -m gpt.classify (gpt/classify.py).
 GPT-1's input transformations (gpt/tasks/gpt1.py: entailment, similarity, multiple
