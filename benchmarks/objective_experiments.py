@@ -16,7 +16,8 @@ messages, validation macro-F1) and on the shipped next-line multiple choice (mul
 300 steps of 16 questions, test accuracy); and a sample from the GPT (the only one that can).
 
 shots: the Quickstart model (char; its AdamW recipe, and the Muon one of configs/shakespeare_char.toml)
-and a larger char model (AdamW, 6 x 192, block 256, 2000 steps of 16 x 256) on the next-line test set: zero-shot and 1-, 3- and 5-shot by likelihood (acc and
+and a larger char model (AdamW, 6 x 192, block 256, 2000 steps of 16 x 256) on the next-line test
+set: zero-shot and 1-, 3- and 5-shot by likelihood (acc and
 acc_norm; shots drawn from the train split), the zero-shot score with the context removed (what
 the endings alone give), and each model fine-tuned on the train split (multiple_choice, as above),
 beside the Quickstart shape fine-tuned from scratch.
@@ -117,7 +118,9 @@ def shots(args) -> dict:
         shape_only = [o for o in shape if o.startswith("--model.")]
         tuned = run(f"shots_tuned_{name}", [*CHOICE, f"--run.init_from={OUT / pre['name']}", *shape_only], args.reuse)
         row["fine_tuned_test_accuracy"] = last(tuned["records"], "test_accuracy")
-        if name == "quickstart":  # the baseline (fine-tuning is the same AdamW recipe for every row); the large shape from scratch is left out (~20 min more)
+        # the baseline, fine-tuned with the same AdamW recipe as every row; the large shape from scratch
+        # is left out (~20 min more)
+        if name == "quickstart":
             scratch = run(f"shots_scratch_{name}", [*CHOICE, "--multiple_choice.tokenizer=char"], args.reuse)
             row["scratch_test_accuracy"] = last(scratch["records"], "test_accuracy")
         rows[name] = row

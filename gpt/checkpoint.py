@@ -12,7 +12,8 @@ pickled classes), so it loads with torch.load(..., weights_only=True).
     model_config       the GPTConfig, as a dict
     tokenizer          the tokenizer spec (gpt.tokenizer.from_spec rebuilds it)
     config             the run's resolved configuration, as {section: {key: value}}
-    optimizer, scaler  state_dicts (scaler: empty unless fp16)
+    optimizer, scaler  state_dicts (scaler: empty unless fp16; optimizer: no "state" before the
+                       first step)
     sampler            the training data sampler's state (a few integers)
     rng                every process's random generator states (python, numpy, torch, CUDA)
     iter, best, best_metric, evals_since_best, wandb_id
@@ -21,10 +22,12 @@ pickled classes), so it loads with torch.load(..., weights_only=True).
     objective          what the language model (or a classifier's backbone) was trained to predict:
                        "causal", "mlm" or "prefix" (gpt/objectives.py; absent: causal)
     labels, TASK, combine   fine-tuning tasks (classify, entailment, similarity, multiple_choice):
-                       the head's outputs in order, the task's settings section, and how an
-                       example's sequences are combined (GPTClassifier)
+                       the head's outputs in order (["score"] for target = "score"), the task's
+                       settings section, and how an example's sequences are combined (GPTClassifier)
     shards             instead of model and optimizer, under FSDP: the name of the directory
                        beside the file that holds them, written by every process (below)
+    shards_hold_optimizer   False when the shards were written before the first step and hold
+                       no optimizer state (absent: True)
     micro_batches_per_step   batch.batch_size micro-batches per optimiser step, over all
                        processes: a run resumed on another number of processes keeps it
 
@@ -431,7 +434,7 @@ def consolidate(path: str | Path, out: str | Path | None = None) -> Path:
     with atomic_path(out) as tmp:
         dcp_to_torch_save(shard_dir(path, ckpt), tmp)
         whole = torch.load(tmp, map_location="cpu", weights_only=True)
-        rest = {k: v for k, v in ckpt.items() if k != "shards"} | {"format_version": 1}
+        rest = {k: v for k, v in ckpt.items() if k not in ("shards", "shards_hold_optimizer")} | {"format_version": 1}
         optimizer = whole.get("optimizer", {"state": {}, "param_groups": []})  # none: saved before the first step
         torch.save({**rest, "model": whole["model"], "optimizer": optimizer}, tmp)
     return out

@@ -42,18 +42,23 @@ def task_of(ckpt: dict):
     return task, task.Settings(**{k: v for k, v in ckpt[ckpt["task"]].items() if k in known})
 
 
+def is_regression(ckpt: dict) -> bool:
+    """Whether a fine-tuned checkpoint predicts a score (target = "score"), not a label."""
+    return task_of(ckpt)[1].target == "score"
+
+
 @torch.no_grad()
 def predict(model: GPTClassifier, tok: Tokenizer, ckpt: dict, examples: list, device, batch_size: int = 64) -> list[dict]:
     """For each example (for classification: a text) {"label", "probability" (of that label),
     "probabilities" ({label: probability})}, or for a model of scores (target = "score") {"score"}."""
     task, settings = task_of(ckpt)
-    labels = ckpt["labels"]
+    labels, regression = ckpt["labels"], is_regression(ckpt)
     data = ClassificationData([task.encode(e, tok, model.config.block_size, settings) for e in examples], [0] * len(examples))
     results = []
     for start in range(0, len(examples), batch_size):
         idx, mask, _ = to_device(data.batch(range(start, min(start + batch_size, len(examples))), tok.eot_token), device)
         logits = model(idx, mask)[0].float()
-        if settings.target == "score":
+        if regression:
             results += [{"score": score} for score in logits[:, 0].tolist()]
             continue
         for p in torch.softmax(logits, dim=-1).tolist():

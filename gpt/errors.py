@@ -82,6 +82,19 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(f"unknown option {arg}" + (f": did you mean {close[0]}?" if close else f": see {self.prog} --help"))
 
 
+def _stdout_reader_left() -> bool:
+    """Whether stdout is a pipe whose reading end was closed (a broken pipe that is stdout's,
+    not a socket's or a child's)."""
+    try:
+        import select
+
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLERR)
+        return any(event & select.POLLERR for _, event in poll.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), or stdout has no file descriptor
+        return False
+
+
 def exit_on_user_error(main: F) -> F:
     """Decorate a CLI main(): a UserError, or a fault of the user's files, becomes one line
     'error: <message>' on stderr and exit status 2."""
@@ -94,9 +107,12 @@ def exit_on_user_error(main: F) -> F:
             message = str(e)
         except UnicodeDecodeError as e:
             message = f"a file is not UTF-8 text ({e.reason} at byte {e.start}): save it as UTF-8"
-        except BrokenPipeError:  # the reader of stdout left (`| head`): stop quietly, as Unix tools do
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
-            sys.exit(141)  # 128 + SIGPIPE
+        except BrokenPipeError as e:
+            if not _stdout_reader_left():
+                message = describe_os_error(e)
+            else:  # `| head` has what it wanted: stop quietly, as Unix tools do
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+                sys.exit(141)  # 128 + SIGPIPE
         except OSError as e:
             message = describe_os_error(e)
         except KeyboardInterrupt:

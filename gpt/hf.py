@@ -225,19 +225,21 @@ def not_gpt2(config: GPTConfig) -> list[str]:
     return changed
 
 
-def save_pretrained(model: GPT, directory: str | Path, tokenizer=None, objective: str = "causal") -> None:
+def save_pretrained(model: GPT, directory: str | Path, tokenizer=None, objective: str | None = None) -> None:
     """Write a directory that transformers.GPT2LMHeadModel.from_pretrained loads with equal logits.
     tokenizer: the model's gpt.tokenizer.Tokenizer, whose spec() is written (last) to
     gpt_tokenizer.json for load_pretrained; without it, readers take GPT-2's tokenizer. A
     gpt_tokenizer.json of an earlier export there is removed first: it described other weights.
     objective: what the model was trained to predict (its checkpoint's "objective"). A masked LM
-    is refused (also when its tokenizer has the mask token): GPT2LMHeadModel reads left to right,
-    so transformers, and a reload of the export, would run it as a model it is not."""
+    is refused (when the objective is not given, a tokenizer with the mask token says so):
+    GPT2LMHeadModel reads left to right, so transformers, and a reload of the export, would run
+    it as a model it is not."""
     changed = not_gpt2(model.config)
     if changed:
         raise UserError(f"only a GPT-2 architecture can be exported to Hugging Face GPT2LMHeadModel; this model has "
                         f"{', '.join(changed)}")
-    if objective == "mlm" or (tokenizer is not None and MASK in tokenizer.spec().get("added", ())):
+    masked_tokenizer = tokenizer is not None and MASK in tokenizer.spec().get("added", ())
+    if objective == "mlm" or (objective is None and masked_tokenizer):
         raise UserError("a masked LM reads every token both ways, but GPT2LMHeadModel reads left to right: it cannot "
                         "be exported as a GPT-2 (fine-tune it here, or score it with python -m gpt.evaluate)")
     if tokenizer is not None and tokenizer.vocab_size != model.config.vocab_size:

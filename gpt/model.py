@@ -631,10 +631,15 @@ class GPTClassifier(nn.Module):
         # the last real token: the last column where the mask is 1
         last = mask.size(1) - 1 - mask.flip(1).argmax(dim=1)
         states = self.dropout(h[torch.arange(len(idx), device=idx.device), last]).view(B, -1, h.size(-1))
-        logits = self.head(states.sum(1)) if self.combine == "sum" else self.head(states)[..., 0]
+        # the head in its weights' dtype, outside autocast: fp32 in mixed precision (scores are not rounded to bf16)
+        states = states.to(self.head.weight.dtype)
+        with torch.autocast(idx.device.type, enabled=False):
+            logits = self.head(states.sum(1)) if self.combine == "sum" else self.head(states)[..., 0]
         if labels is None:
             return logits, None
-        if labels.is_floating_point():  # scores (n_out = 1): a regression
+        if labels.is_floating_point():  # scores: a regression
+            if logits.size(1) != 1 or self.combine != "sum":
+                raise ValueError("float labels are scores: they need a head of one output and combine='sum'")
             loss = F.mse_loss(logits[:, 0].float(), labels.float())
         else:
             loss = F.cross_entropy(logits.float(), labels)

@@ -160,9 +160,10 @@ def load_model_state(model: nn.Module, state: dict) -> None:
 
 
 def stepped(optimizers: list[torch.optim.Optimizer]) -> bool:
-    """Whether the optimizers hold state (they have taken a step). Before that there is none to
-    save: PyTorch's state-dict helpers for several optimizers or FSDP would make some by taking a
-    step of learning rate 0, which changes the run (AdamW counts it in its bias correction)."""
+    """Whether the optimizers hold state (they have taken a step; they step together: an fp16
+    overflow skips them all). Before that there is none to save: PyTorch's state-dict helpers
+    for several optimizers or FSDP would make some by taking a step of learning rate 0, which
+    changes the run (AdamW counts it in its bias correction)."""
     return any(optimizer.state for optimizer in optimizers)
 
 
@@ -187,7 +188,7 @@ def load_optimizer_state(model: nn.Module, optimizers: list[torch.optim.Optimize
 
     if not state["state"]:  # nothing learned yet; the settings of the param groups come from the config
         return
-    if state["state"] and isinstance(next(iter(state["state"])), int):
+    if isinstance(next(iter(state["state"])), int):
         names = {id(p): name for name, p in model.named_parameters()}
         order = [names[id(p)] for group in optimizers[0].param_groups for p in group["params"]]
         state = {"state": {order[i]: s for i, s in state["state"].items()},

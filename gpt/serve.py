@@ -62,7 +62,7 @@ from typing import Iterator
 import torch
 
 from gpt.checkpoint import add_model_options, checkpoint_path, load_checkpoint, load_language_model, load_model
-from gpt.classify import predict
+from gpt.classify import is_regression, predict
 from gpt.errors import ArgumentParser, UserError, exit_on_user_error
 from gpt.inspect import token_label
 from gpt.sampling import SamplingConfig, generate, steps
@@ -440,7 +440,7 @@ def load_server(args, device: torch.device, dtype: torch.dtype, limits: Limits) 
         path = checkpoint_path(out_dir, args.ckpt or args.model_defaults["ckpt"])
         found = load_checkpoint(path)
         task = found.get("task", "lm")
-        if task == "classify" and found["classify"].get("target", "label") == "label":
+        if task == "classify" and not is_regression(found):
             del found  # load_model reads it again, onto the device
             model, tok, ckpt = load_model(path, task="classify", device=device)
             return Server(model, tok, device, dtype, limits, labels=ckpt["labels"], ckpt=ckpt, name=str(path))

@@ -82,7 +82,9 @@ class TrainState:
 
     def improves(self, value: float, higher_is_better: bool) -> bool:
         """Record an evaluation's value of best_metric; True if it is the best so far."""
-        better = self.best is None or (value > self.best if higher_is_better else value < self.best)
+        # NaN (a diverged evaluation, e.g. the correlation of NaN predictions) is never the best
+        better = not math.isnan(value) and (self.best is None or (value > self.best if higher_is_better
+                                                                   else value < self.best))
         self.best = value if better else self.best
         self.evals_since_best = 0 if better else self.evals_since_best + 1
         return better
@@ -402,7 +404,8 @@ class Trainer:
         grad_norm = clip_grad_norm(self.model, clip)
         # fp16 gradients that overflowed anywhere skip every optimizer's step, and update() lowers the
         # scale (GradScaler.step alone would decide per optimizer: Muon could step while AdamW skips)
-        if not (self.scaler.is_enabled() and not torch.isfinite(grad_norm).item()):
+        overflowed = self.scaler.is_enabled() and not torch.isfinite(grad_norm).item()
+        if not overflowed:
             for optimizer in self.optimizers:
                 self.scaler.step(optimizer)
         self.scaler.update()

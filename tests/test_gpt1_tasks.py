@@ -3,6 +3,9 @@ each task training end to end on the shipped Shakespeare task files, predictions
 2 processes = 1, and the bad inputs of their data."""
 
 import json
+import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -45,6 +48,10 @@ VARIANT_IDS = ["multiple_choice", "entailment", "similarity", "similarity_score"
 
 def losses(out):
     return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def evaluations(out):
+    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "val_loss" in r]
 
 
 # ---- the sequences ----------------------------------------------------------------------------------
@@ -169,10 +176,6 @@ def test_two_processes_equal_one(task, variant, tmp_path):
         torch.testing.assert_close(w1[name], w2[name], rtol=0, atol=5e-5)
 
 
-def evaluations(out):
-    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "val_loss" in r]
-
-
 def test_similarity_of_scores_is_a_regression_scored_by_pearson_and_spearman(tmp_path, capsys):
     out = tmp_path / "run"
     train.main(args("similarity", tmp_path, out, "--run.max_iters=60", *SCORES, n=16))
@@ -205,8 +208,20 @@ def test_similarity_of_scores_is_a_regression_scored_by_pearson_and_spearman(tmp
     assert last["spearman"] == pytest.approx(pearson(mean_ranks(predicted), mean_ranks(true)), abs=1e-5)
 
 
+def test_a_diverged_regression_is_never_the_best_checkpoint():
+    from gpt.tasks.classify import pearson
+    from gpt.trainer import TrainState
+
+    nan_predictions, true = torch.tensor([float("nan"), 1.0, 2.0]), torch.tensor([1.0, 2.0, 3.0])
+    assert math.isnan(pearson(nan_predictions, true)) and pearson(torch.ones(3), true) == 0.0
+    state = TrainState(best_metric="pearson")
+    assert not state.improves(math.nan, True) and state.best is None
+    assert state.improves(-0.2, True) and not state.improves(math.nan, True) and state.improves(0.1, True)
+    assert state.best == 0.1
+
+
 @pytest.mark.parametrize("more, message", [
-    (["--similarity.target=score"], "the train data has the label 'different', which is not a number"),
+    (["--similarity.target=score"], "similarity_train.jsonl:1: the label 'different' is not a number"),
     ([*SCORES, "--similarity.best_metric=accuracy"],
      "similarity.best_metric must be one of val_loss, pearson, spearman with target = 'score', got 'accuracy'"),
     (["--similarity.best_metric=spearman"],
@@ -215,6 +230,30 @@ def test_similarity_of_scores_is_a_regression_scored_by_pearson_and_spearman(tmp
 ])
 def test_bad_score_settings_are_one_line(tmp_path, capsys, more, message):
     fails_with(capsys, args("similarity", tmp_path, tmp_path / "o", *more), message)
+
+
+@pytest.mark.parametrize("scores, message", [
+    ([0.5, 0.5, 0.5], "every training score is 0.5: a regression needs different values"),
+    ([0.5, 1e39, 0.1], ":2: the label '1e+39' is not a number"),  # past float32
+    ([0.5, "nan", 0.1], ":2: the label 'nan' is not a number"),
+])
+def test_bad_scores_are_one_line(tmp_path, capsys, scores, message):
+    rows = [{"text_a": f"line {i}", "text_b": "other", "label": score} for i, score in enumerate(scores)]
+    path = write(tmp_path, "scores.jsonl", rows)
+    fails_with(capsys, args("similarity", tmp_path, tmp_path / "o", "--similarity.target=score",
+                            f"--similarity.train_file={path}", f"--similarity.val_file={path}"), message)
+
+
+def test_predictions_into_a_closed_pipe_stop_quietly(tmp_path):
+    """As `python -m gpt.classify ... | head` when head has read enough: exit 141 (SIGPIPE's), nothing printed."""
+    out = tmp_path / "run"
+    train.main(args("similarity", tmp_path, out, "--run.max_iters=1", *SCORES))
+    proc = subprocess.Popen([sys.executable, "-m", "gpt.classify", f"--out_dir={out}", "--ckpt=ckpt.pt",
+                             f"--input={TASKS / 'same_speech_test.jsonl'}"], cwd=ROOT,  # 552 lines, past a buffer
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader leaves before the first line
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141 and err == b"", err
 
 
 def test_multiple_choice_has_no_scores(tmp_path, capsys):

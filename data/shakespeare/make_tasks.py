@@ -128,9 +128,11 @@ def main() -> None:
                 if together and not partners:
                     continue
                 text_b = rng.choice(partners) if together else rng.choice([p for p in pool if p not in lines])
-                apart = min(abs(j - i) for j, line in enumerate(lines) if line == text_b) if together else 0
+                # 1 / how many lines apart in the speech (a line may stand twice: the nearer counts); 0 for two speeches
+                apart = min((abs(j - i) for j, line in enumerate(lines) if line == text_b), default=0)
+                closeness = round(1 / apart, 4) if together else 0.0
                 same.append({"text_a": lines[i], "text_b": text_b, "label": "same" if together else "different",
-                             "closeness": round(1 / apart, 4) if together else 0.0})
+                             "closeness": closeness})
         for name, items in (("next_line", next_line), ("follows", follows), ("same_speech", same)):
             rng.shuffle(items)
             path = out / f"{name}_{split}.jsonl"

@@ -37,8 +37,7 @@ from gpt.system import Processes, to_device
 from gpt.tokenizer import Tokenizer, get_tokenizer
 
 
-LABEL_METRICS, SCORE_METRICS = ("accuracy", "macro_f1"), ("pearson", "spearman")
-BEST_METRICS = ("val_loss", *LABEL_METRICS, *SCORE_METRICS)
+LABEL_METRICS, SCORE_METRICS = ("accuracy", "macro_f1"), ("pearson", "spearman")  # and val_loss, for either
 
 
 @dataclass
@@ -46,7 +45,7 @@ class LabeledConfig:
     """What every fine-tuning task's section has ([classify], and gpt/tasks/gpt1.py's)."""
 
     train_file: str = ""  # CSV, TSV or JSON Lines with the task's text columns and a label column
-    val_file: str = ""  # "": a stratified split of train_file (val_fraction)
+    val_file: str = ""  # "": a split of train_file (val_fraction; stratified by label)
     test_file: str = ""  # optional: evaluated with the best checkpoint at the end
     val_fraction: float = 0.1
     label_column: str = "label"
@@ -66,12 +65,14 @@ class LabeledConfig:
         require(self.target in ("label", "score"), "target", '"label" or "score"', self.target)
         require(0 <= self.head_dropout < 1, "head_dropout", "in [0, 1)", self.head_dropout)
         require(self.lm_loss_weight >= 0, "lm_loss_weight", "non-negative", self.lm_loss_weight)
-        if not self.best_metric:
-            self.best_metric = "pearson" if self.target == "score" else "macro_f1"
-        require(self.best_metric in BEST_METRICS, "best_metric", f"one of {', '.join(BEST_METRICS)}", self.best_metric)
         own = ("val_loss", *(SCORE_METRICS if self.target == "score" else LABEL_METRICS))
-        require(self.best_metric in own, "best_metric", f"one of {', '.join(own)} with target = {self.target!r}",
+        require(self.best_metric in ("", *own), "best_metric", f"one of {', '.join(own)} with target = {self.target!r}",
                 self.best_metric)
+
+    @property
+    def chosen_metric(self) -> str:
+        """best_metric, or where it is "" the target's own: macro-F1 for labels, Pearson's r for scores."""
+        return self.best_metric or ("pearson" if self.target == "score" else "macro_f1")
 
 
 @dataclass
@@ -85,11 +86,11 @@ class ClassifyConfig(LabeledConfig):
 
 
 def read_labeled(path: str | Path, text_column: str, label_column: str | None,
-                 setting: str = "classify.train_file") -> tuple[list[str], list, int]:
+                 setting: str = "classify.train_file", numbers: bool = False) -> tuple[list[str], list, int]:
     """(texts, labels, skipped) from a CSV, TSV or JSON Lines file with a header / keys.
 
-    Labels are kept as strings ("1" and 1 are the same label); label_column None reads
-    texts only (labels are then None). Rows whose text is empty are skipped and counted.
+    Labels are kept as strings ("1" and 1 are the same label); with numbers, each must be a
+    number (target = "score"); label_column None reads texts only (labels are then None). Rows whose text is empty are skipped and counted.
     Errors name the file and line; `setting` is what named the file (for messages).
     """
     texts, labels, skipped = [], [], 0
@@ -99,7 +100,7 @@ def read_labeled(path: str | Path, text_column: str, label_column: str | None,
             skipped += 1
             continue
         texts.append(str(row[text_column]))
-        labels.append(None if label_column is None else row_label(where, row, label_column))
+        labels.append(None if label_column is None else row_label(where, row, label_column, numbers))
     if not texts:
         raise UserError(f"{path} holds no rows with text")
     return texts, labels, skipped
@@ -126,11 +127,21 @@ def filled(value) -> bool:
     return value is not None and bool(str(value).strip())
 
 
-def row_label(where: str, row: dict, label_column: str) -> str:
-    """A row's label as a string ("1" and 1 are the same label); an empty one is refused."""
+def row_label(where: str, row: dict, label_column: str, number: bool = False) -> str:
+    """A row's label as a string ("1" and 1 are the same label); an empty one is refused, and
+    with number one that is not a number a float32 holds (target = "score")."""
     if not filled(row[label_column]):
         raise UserError(f"{where}: the label is empty: every row needs a label")
-    return str(row[label_column]).strip()
+    label = str(row[label_column]).strip()
+    if number:
+        try:
+            value = float(label)
+        except ValueError:
+            value = math.inf
+        if not abs(value) <= torch.finfo(torch.float32).max:  # also NaN
+            raise UserError(f'{where}: the label {excerpt(label)!r} is not a number: with target = "score" every '
+                            f'label is one (or set target = "label")')
+    return label
 
 
 def excerpt(text: str, limit: int = 80) -> str:
@@ -168,22 +179,11 @@ def label_order(labels) -> list[str]:
     return sorted(distinct, key=int if numeric else str)
 
 
-def as_scores(labels: list[str], split: str, task: str) -> list[float]:
-    """The labels of a split as numbers (target = "score"); one that is not a number is refused."""
-    scores = []
-    for label in labels:
-        try:
-            scores.append(float(label))
-        except ValueError:
-            scores.append(float("nan"))
-        if not math.isfinite(scores[-1]):
-            raise UserError(f"the {split} data has the label {excerpt(label)!r}, which is not a number: with "
-                            f'{task}.target = "score" every label is one (or set {task}.target = "label")')
-    return scores
-
-
 def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Pearson's correlation of two vectors; 0 when either is constant (no linear relation to measure)."""
+    """Pearson's correlation of two vectors; 0 when either is constant (no linear relation to
+    measure), NaN when either holds a NaN or an infinity (a diverged model)."""
+    if not (x.isfinite().all() and y.isfinite().all()):
+        return math.nan
     x, y = x - x.mean(), y - y.mean()
     norm = (x.norm() * y.norm()).item()
     return (x @ y).item() / norm if norm > 0 else 0.0
@@ -200,7 +200,8 @@ def ranks(x: torch.Tensor) -> torch.Tensor:
 
 
 def stratified_split(labels: list[str], fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Row indices (train, val): `fraction` of each label's rows, chosen from `seed`, go to val."""
+    """Row indices (train, val): `fraction` of each label's rows, chosen from `seed`, go to val
+    (a plain random split where every label is the same)."""
     rng = np.random.default_rng(seed)
     train, val = [], []
     for label in sorted(set(labels)):
@@ -218,9 +219,9 @@ class ClassificationData:
     """Each example's token sequences (one, or K for GPT-1's transformations) and label ids;
     batches padded to their longest sequence."""
 
-    def __init__(self, sequences: list[list[list[int]]], targets: list[int] | list[float]):
+    def __init__(self, sequences: list[list[list[int]]], targets: list[int] | list[float], regression: bool = False):
         self.sequences = sequences
-        self.labels = torch.tensor(targets)  # label ids (int64), or scores (float32)
+        self.labels = torch.tensor(targets, dtype=torch.float32 if regression else torch.long)  # label ids, or scores
 
     def __len__(self) -> int:
         return len(self.sequences)
@@ -252,7 +253,8 @@ class Classification:
     @classmethod
     def read(cls, path, settings, setting: str, labelled: bool = True) -> tuple[list, list, int]:
         """(examples, labels (None if not labelled), rows skipped for empty text) of a file."""
-        return read_labeled(path, settings.text_column, settings.label_column if labelled else None, setting)
+        return read_labeled(path, settings.text_column, settings.label_column if labelled else None, setting,
+                            numbers=settings.target == "score")
 
     @classmethod
     def texts(cls, example) -> list[str]:
@@ -280,8 +282,9 @@ class Classification:
         task = cfg.run.task
         c = getattr(cfg, task)
         self.cfg, self.settings, self.procs = cfg, c, procs
-        self.scores = c.target == "score"  # a regression: one number per example, not a label
-        self.best_metric, self.higher_is_better = c.best_metric, c.best_metric != "val_loss"
+        self.regression = c.target == "score"  # one number per example, not a label
+        self.best_metric = c.chosen_metric
+        self.higher_is_better = self.best_metric != "val_loss"
         if not c.train_file:
             raise UserError(f'run.task = "{task}" needs {task}.train_file (a CSV, TSV or JSONL file)')
         examples, labels, skipped = self.read(c.train_file, c, f"{task}.train_file")
@@ -289,7 +292,7 @@ class Classification:
             val_examples, val_labels, skipped_val = self.read(c.val_file, c, f"{task}.val_file")
             skipped += skipped_val
         else:
-            strata = ["score"] * len(labels) if self.scores else labels  # scores: a plain random split
+            strata = [None] * len(labels) if self.regression else labels  # scores: a plain random split
             train_rows, val_rows = stratified_split(strata, c.val_fraction, cfg.run.seed)
             if not val_rows:
                 raise UserError(f"no validation data: set {task}.val_file or a {task}.val_fraction above 0")
@@ -300,11 +303,13 @@ class Classification:
             test_examples, test_labels, skipped_test = self.read(c.test_file, c, f"{task}.test_file")
             self.raw["test"] = (test_examples, test_labels)
             skipped += skipped_test
-        if self.scores:
+        if self.regression:
             self.labels = ["score"]  # the head's one output
-            self.raw = {split: (split_examples, as_scores(split_labels, split, task))
+            self.raw = {split: (split_examples, [float(score) for score in split_labels])
                         for split, (split_examples, split_labels) in self.raw.items()}
             labels = self.raw["train"][1]
+            if min(labels) == max(labels):
+                raise UserError(f"every training score is {labels[0]:g}: a regression needs different values")
             counts = f"scores {min(labels):g} to {max(labels):g}, mean {sum(labels) / len(labels):.3g}"
         else:
             self.labels = self.label_names(examples, labels)
@@ -350,9 +355,9 @@ class Classification:
 
         self.batch_size, T = cfg.batch.batch_size, backbone.config.block_size
         ids = {lab: i for i, lab in enumerate(self.labels)}
-        target = (lambda score: score) if self.scores else ids.__getitem__  # noqa: E731
         self.data = {split: ClassificationData([self.encode(e, self.tokenizer, T, c) for e in examples],
-                                               [target(lab) for lab in labels])
+                                               labels if self.regression else [ids[lab] for lab in labels],
+                                               self.regression)
                      for split, (examples, labels) in self.raw.items()}
         p = self.procs
         self.sampler = WindowSampler(len(self.data["train"]), self.batch_size, seed=cfg.run.seed,
@@ -389,7 +394,7 @@ class Classification:
         data, n = self.data[split], len(self.labels)
         mine = list(range(self.procs.rank, len(data), self.procs.world_size))
         sums = {"loss": torch.zeros((), device=device)}
-        if self.scores:
+        if self.regression:
             sums["predicted"] = torch.zeros(len(data), device=device)
         else:
             sums["confusion"] = torch.zeros(n * n, device=device)
@@ -401,7 +406,7 @@ class Classification:
                 logits, batch_loss = model(idx, mask, labels)
             if chunk:  # else a stand-in batch, not counted
                 sums["loss"] += batch_loss.float() * len(labels)
-                if self.scores:
+                if self.regression:
                     sums["predicted"][torch.as_tensor(chunk, device=device)] = logits[:, 0].float()
                 else:
                     sums["confusion"] += torch.bincount(labels * n + logits.argmax(-1), minlength=n * n).float()
@@ -417,7 +422,7 @@ class Classification:
 
     def _summarize_split(self, split: str, sums: dict[str, torch.Tensor]) -> tuple[dict, list[str]]:
         key = (lambda name: name) if split == "val" else (lambda name: f"{split}_{name}")  # noqa: E731
-        if self.scores:
+        if self.regression:
             predicted, true = sums["predicted"].double().cpu(), self.data[split].labels.double()
             loss, r, rho = sums["loss"].item() / len(true), pearson(predicted, true), pearson(ranks(predicted), ranks(true))
             return ({f"{split}_loss": loss, key("pearson"): r, key("spearman"): rho},

@@ -56,7 +56,7 @@ def read_pairs(path, settings, setting: str, columns: tuple[str, str], labelled:
             skipped += 1
             continue
         examples.append(tuple(str(row[c]) for c in columns))
-        labels.append(row_label(where, row, settings.label_column) if labelled else None)
+        labels.append(row_label(where, row, settings.label_column, settings.target == "score") if labelled else None)
     if not examples:
         raise UserError(f"{path} holds no rows with both texts")
     return examples, labels, skipped
@@ -133,11 +133,14 @@ class MultipleChoiceConfig(LabeledConfig):
     context_column: str = "ctx"  # HellaSwag's layout: ctx, endings, label
     choices_column: str = "endings"  # a JSON list, or numbered columns endings0, endings1, ...
     truncate: str = "tail"  # a long context keeps its end, next to the answers
-    best_metric: str = "accuracy"
 
     def __post_init__(self):
         require(self.target == "label", "target", '"label" (the right answer\'s index)', self.target)
         super().__post_init__()
+
+    @property
+    def chosen_metric(self) -> str:
+        return self.best_metric or "accuracy"
 
 
 class MultipleChoice(Classification):
