@@ -8,7 +8,10 @@ attention.png is a grid of heat maps, one per layer (rows) and head (columns):
 row i, column j is how much the token at position i attends to the token at
 position j when computing its next-token prediction. Every row sums to 1; the
 upper triangle is empty because of the causal mask (a token never sees later
-ones). Look for heads that attend to the previous token (a bright diagonal
+ones). A masked LM (lm.objective = "mlm", BERT's) reads both ways: its maps are
+full squares (row i is what position i looks at to fill in its own token), and
+the distance statistic counts tokens on either side. A prefix LM is drawn as it
+reads when it generates: causally. Look for heads that attend to the previous token (a bright diagonal
 just below the main one), to the first token (a bright first column: a place to
 "park" attention), or to the same token earlier in the text (duplicate-token heads).
 An induction head looks one further: from the current token to the token that
@@ -54,16 +57,18 @@ def token_label(tok: Tokenizer, token: int) -> str:
     return "".join(WHITESPACE.get(c, c if c.isprintable() else c.encode("unicode_escape").decode()) for c in text)
 
 
-def head_statistics(probs: torch.Tensor) -> dict[str, np.ndarray]:
+def head_statistics(probs: torch.Tensor, both_ways: bool = False) -> dict[str, np.ndarray]:
     """Per-head statistics of attention probabilities (n_layer, B, n_head, T, T), averaged over
-    the batch and over query positions: (n_layer, n_head) arrays."""
+    the batch and over query positions: (n_layer, n_head) arrays. both_ways: the attention of a
+    masked LM, whose distances count later tokens too."""
     T = probs.size(-1)
     pos = torch.arange(T, dtype=probs.dtype)
-    distance = (probs * (pos[:, None] - pos[None, :]).clamp(min=0)).sum(-1)  # (L, B, H, T)
+    offset = pos[:, None] - pos[None, :]  # query - key: tokens back
+    distance = (probs * (offset.abs() if both_ways else offset.clamp(min=0))).sum(-1)  # (L, B, H, T)
     entropy = -(probs * probs.clamp(min=1e-12).log()).sum(-1)
-    first = probs[..., 1:, 0]  # query 0 can only attend to itself
+    first = probs[..., 1:, 0]  # (causal: query 0 can only attend to itself)
     return {
-        "mean attention distance (tokens back)": distance.mean(dim=(1, 3)).numpy(),
+        f"mean attention distance (tokens {'either side' if both_ways else 'back'})": distance.mean(dim=(1, 3)).numpy(),
         "attention entropy (nats)": entropy.mean(dim=(1, 3)).numpy(),
         "attention on the first token": first.mean(dim=(1, 3)).numpy(),
     }
@@ -103,7 +108,7 @@ def summary_tokens(args, tok: Tokenizer, run_data: str | None, block_size: int) 
             raise UserError(f"--summary_text {args.summary_text} is not UTF-8 text: save it as UTF-8") from None
     elif run_data is not None:
         data = TokenDataset(run_data, "val")
-        data.check(1, tok.vocab_size)  # token ids the model has no embedding for: a damaged file
+        data.check(1, tok.text_vocab_size)  # token ids the model has no embedding for: a damaged file
         ids = np.asarray(data.tokens[: 8 * block_size], dtype=np.int64).tolist()
     else:
         raise UserError("--summary needs longer text: give --summary_text=FILE")
@@ -159,7 +164,8 @@ def main(argv: list[str] | None = None) -> None:
         check_outputs([("--out", picture)] + ([("--summary (beside --out)", summary_picture)] if args.summary else []))
 
     device = pick_device(args.device)
-    model, tok, run_data, _ = load_language_model(args, device, why="gpt.inspect draws causal (left-to-right) attention")
+    model, tok, run_data, objective = load_language_model(args, device, objectives=("causal", "prefix", "mlm"))
+    both_ways = objective == "mlm"  # a masked LM reads every token both ways; the others are drawn causally
     layers = _pick(args.layers, model.config.n_layer, "layers")
     heads = _pick(args.heads, model.config.attention_heads, "heads")
     ids = tok.encode(args.prompt)
@@ -173,10 +179,13 @@ def main(argv: list[str] | None = None) -> None:
 
     from gpt.plot import plot_attention, plot_attention_summary
 
-    probs = model.attention_probabilities(torch.tensor([ids], device=device))[:, 0].float().cpu()  # (L, H, T, T)
-    plot_attention(probs.numpy(), [token_label(tok, i) for i in ids], picture, layers, heads)
+    def attention(idx):
+        return model.attention_probabilities(idx, prefix=idx.size(1) if both_ways else None).float().cpu()
+
+    probs = attention(torch.tensor([ids], device=device))[:, 0]  # (L, H, T, T)
+    plot_attention(probs.numpy(), [token_label(tok, i) for i in ids], picture, layers, heads, causal=not both_ways)
     if windows is not None:
-        per_window = [head_statistics(model.attention_probabilities(w[None]).float().cpu()) for w in windows]
+        per_window = [head_statistics(attention(w[None]), both_ways) for w in windows]
         stats = {name: np.mean([s[name] for s in per_window], axis=0) for name in per_window[0]}
         print(f"per head, averaged over {len(windows)} windows of {windows.size(1)} tokens:")
         print(statistics_table(stats))

@@ -471,16 +471,17 @@ class GPT(nn.Module):
         return visible[:, None]
 
     @torch.no_grad()
-    def attention_probabilities(self, idx: torch.Tensor, attention_mask=None) -> torch.Tensor:
+    def attention_probabilities(self, idx: torch.Tensor, attention_mask=None, prefix=None) -> torch.Tensor:
         """(n_layer, B, heads, T, T): how much each query position attends to each key, for every
         layer and head (config.attention_heads: n_head, one for the GAU), from the explicit
         attention path (for pictures; see attend_explicitly).
-        attention_mask: as in hidden_states (padding gets no attention)."""
+        attention_mask, prefix: as in hidden_states (padding gets no attention; prefix = T: every
+        token sees every other, as a masked LM reads)."""
         layers = [block.attn for block in self.transformer.h]
         for attn in layers:
             attn.keep_probs = True
         try:
-            self.hidden_states(idx, attention_mask=attention_mask)
+            self.hidden_states(idx, attention_mask=attention_mask, prefix=prefix)
             return torch.stack([attn.probs for attn in layers])
         finally:
             for attn in layers:

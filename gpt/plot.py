@@ -102,9 +102,11 @@ def plot_evaluation(results, png: Path) -> Path | None:
     return _save(fig, png, plt)
 
 
-def plot_attention(probs, labels: list[str], png: Path, layers: list[int], heads: list[int]) -> Path | None:
+def plot_attention(probs, labels: list[str], png: Path, layers: list[int], heads: list[int],
+                   causal: bool = True) -> Path | None:
     """A grid of attention maps, one per (layer, head): row = query token, column = key token,
-    colour = attention weight. probs: (n_layer, n_head, T, T) for one sequence."""
+    colour = attention weight. probs: (n_layer, n_head, T, T) for one sequence; causal: whether
+    the model reads left to right (else both ways, a masked LM)."""
     plt = _pyplot(png)
     if plt is None:
         return None
@@ -124,7 +126,8 @@ def plot_attention(probs, labels: list[str], png: Path, layers: list[int], heads
                 ax.set_xlabel("key (attended to)", fontsize=8)
             if col == 0:
                 ax.set_ylabel("query", fontsize=8)
-    fig.suptitle("attention weights (the upper triangle is masked: a token never sees the future)", fontsize=10)
+    fig.suptitle("attention weights (the upper triangle is masked: a token never sees the future)" if causal
+                 else "attention weights (a masked LM: every token sees every other)", fontsize=10)
     fig.tight_layout()
     return _save(fig, png, plt)
 

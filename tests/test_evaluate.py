@@ -125,6 +125,33 @@ def test_head_statistics_by_hand():
     assert stats["attention on the first token"][0, 0] == pytest.approx(0.25)
 
 
+def test_head_statistics_of_attention_both_ways_count_later_tokens():
+    probs = torch.zeros(1, 1, 1, 3, 3)
+    probs[0, 0, 0] = torch.tensor([[0.0, 1.0, 0], [0.5, 0, 0.5], [1.0, 0, 0]])
+    stats = ins.head_statistics(probs, both_ways=True)
+    assert stats["mean attention distance (tokens either side)"][0, 0] == pytest.approx((1 + 1 + 2) / 3)
+
+
+def test_a_masked_lm_is_drawn_both_ways(char_data, tmp_path, capsys, monkeypatch):
+    import gpt.plot
+    from gpt.checkpoint import load_model
+
+    out = tmp_path / "mlm"
+    train.main([f"--data.dir={char_data}", f"--run.out_dir={out}", "--model.n_layer=2", "--model.n_head=2",
+                "--model.n_embd=16", "--model.block_size=32", "--max_iters=2", "--eval.eval_iters=1",
+                "--log.plot=false", "--lm.objective=mlm"])
+    drawn = {}
+    monkeypatch.setattr(gpt.plot, "plot_attention", lambda probs, *a, causal: drawn.update(probs=probs, causal=causal))
+    ins.main([f"--out_dir={out}", "--prompt=ROMEO: But soft", "--summary"])
+    assert "tokens either side" in capsys.readouterr().out and drawn["causal"] is False
+    model, tok, _ = load_model(out / "best.pt")
+    ids = torch.tensor([tok.encode("ROMEO: But soft")])
+    expected = model.attention_probabilities(ids, prefix=ids.size(1))[:, 0]
+    torch.testing.assert_close(torch.from_numpy(drawn["probs"]), expected)
+    assert expected.triu(1).sum() > 1  # later tokens get attention
+    torch.testing.assert_close(expected.sum(-1), torch.ones_like(expected.sum(-1)))
+
+
 def test_token_labels_are_readable():
     tok = get_tokenizer("gpt2")
     assert [ins.token_label(tok, t) for t in tok.encode("Hi there\n\tyou")] == ["Hi", "␣there", "\\n", "\\t", "you"]
